@@ -1,0 +1,16 @@
+"""deem-transformers: DEEM as a Transformers-native package (`from deem import DeemForInterleavedGeneration`)."""
+
+from .modeling.configuration_deem import DeemConfig
+from .modeling.image_processing_deem import DeemImageProcessor
+from .modeling.modeling_deem import DeemForInterleavedGeneration, DeemOutput, DiffusionDraws
+from .modeling.processing_deem import DeemProcessor, prepare_tokenizer
+
+__all__ = [
+    "DeemConfig",
+    "DeemForInterleavedGeneration",
+    "DeemImageProcessor",
+    "DeemOutput",
+    "DeemProcessor",
+    "DiffusionDraws",
+    "prepare_tokenizer",
+]

@@ -1,0 +1,752 @@
+"""DEEM: an interleaved image-text model whose diffusion decoder also checks its image encoder.
+
+One [`PreTrainedModel`] owns every weight: the CLIP-ConvNeXt image encoder and its perceiver
+(``image_encoder``), the LLaMA decoder with gated multi-scale deformable cross-attention (``language_model``),
+the text head with its trainable rows for the new tokens (``lm_head``), the learnable ``<|startofimage|>``
+vector (``soi_embedding``), the context projection + decoder perceiver + learned null condition that turn LLM
+states into a UNet condition, and Stable Diffusion's ``unet`` / ``vae`` with the UNet side network
+(``unet_side``). Section numbers (§) refer to ``reference/original-deem.md``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils import ModelOutput, logging
+
+from .configuration_deem import DeemConfig
+from .mmfs import DeemGatedCrossAttention, DeemUNetSideNetwork, unet_forward_with_side
+from .pos_embed import sincos_1d
+from .vision import DeemImageEncoder, DeemPerceiver
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DiffusionDraws:
+    """Random draws of one diffusion loss branch, for reproducible research and parity checks.
+
+    Any field left ``None`` is sampled. ``latent_noise``: [N,4,h,w] eps of the VAE posterior sample;
+    ``noise``: [N,4,h,w] diffusion noise (the regression target); ``timesteps``: [N] integers in
+    [0, num_train_timesteps) *before* the CSR remapping; ``null_condition``: [N] bool, which images get the
+    learned null condition (NIP only).
+    """
+
+    latent_noise: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    null_condition: torch.Tensor | None = None
+
+
+@dataclass
+class DeemOutput(ModelOutput):
+    """Output of [`DeemForInterleavedGeneration.forward`].
+
+    ``loss`` = w_ntp·loss_ntp + w_nip·loss_nip + w_csr·loss_csr over the components that ran (a component is
+    ``None`` when its weight is 0 or its inputs are absent). ``logits``: [B,L,V]. ``image_embeds``: [N,Q,H]
+    image tokens given to the LLM. ``image_features``: the four multi-scale encoder maps [N,E,h,w].
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_ntp: torch.FloatTensor | None = None
+    loss_nip: torch.FloatTensor | None = None
+    loss_csr: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_embeds: torch.FloatTensor | None = None
+    image_features: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DeemDecoderLayer(GradientCheckpointingLayer):
+    """LLaMA decoder layer with an optional gated MMFS cross-attention between self-attention and MLP (§2.5)."""
+
+    def __init__(self, config: DeemConfig, layer_idx: int):
+        super().__init__()
+        text = config.text_config
+        self.self_attn = LlamaAttention(text, layer_idx)
+        self.mlp = LlamaMLP(text)
+        self.input_layernorm = LlamaRMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        has_xattn = layer_idx % config.cross_attention_config.frequency == 0
+        self.cross_attn = DeemGatedCrossAttention.from_config(config) if has_xattn else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        vision_states: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        vision_spatial_shapes: list[tuple[int, int]] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        if self.cross_attn is not None and vision_states is not None:
+            hidden_states = hidden_states + self.cross_attn(hidden_states, vision_states, cross_attention_mask, spatial_shapes=vision_spatial_shapes)
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class DeemTextModel(nn.Module):
+    """Embeddings, decoder layers and final norm of the LLM; names follow ``LlamaModel`` so Vicuna weights map 1:1."""
+
+    def __init__(self, config: DeemConfig):
+        super().__init__()
+        text = config.text_config
+        self.config = text
+        self.embed_tokens = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.layers = nn.ModuleList([DeemDecoderLayer(config, i) for i in range(text.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(text.hidden_size, eps=text.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=text)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        past_key_values: Cache | None,
+        use_cache: bool,
+        vision_states: torch.Tensor | None,
+        cross_attention_mask: torch.Tensor | None,
+        vision_spatial_shapes: list[tuple[int, int]] | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden_states = inputs_embeds
+        all_hidden = () if output_hidden_states else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                vision_states=vision_states,
+                cross_attention_mask=cross_attention_mask,
+                vision_spatial_shapes=vision_spatial_shapes,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, all_hidden
+
+
+class DeemTextHead(nn.Module):
+    """Text head (§2.7): ``base`` Linear(H, V) frozen in every stage, plus ``new_tokens`` Linear(H, V - V0)
+    added onto the logits of the tokens DEEM adds (ids >= ``original_vocab_size``)."""
+
+    def __init__(self, config: DeemConfig):
+        super().__init__()
+        hidden, vocab = config.text_config.hidden_size, config.text_config.vocab_size
+        self.original_vocab_size = config.original_vocab_size
+        self.new_token_logit_init = config.new_token_logit_init
+        self.base = nn.Linear(hidden, vocab, bias=True)
+        self.new_tokens = nn.Linear(hidden, vocab - config.original_vocab_size, bias=True)
+
+    def reset_new_token_rows(self):
+        """Original init: new rows of ``base`` 0 with bias -100; ``new_tokens`` weight 0, bias 100 + init logit."""
+        with torch.no_grad():
+            self.base.weight[self.original_vocab_size :].zero_()
+            self.base.bias.zero_()
+            self.base.bias[self.original_vocab_size :] = -100.0
+            self.new_tokens.weight.zero_()
+            self.new_tokens.bias.fill_(100.0 + self.new_token_logit_init)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.base(hidden_states)
+        cut = self.original_vocab_size
+        return torch.cat([logits[..., :cut], logits[..., cut:] + self.new_tokens(hidden_states)], dim=-1)
+
+
+class DeemPreTrainedModel(PreTrainedModel):
+    config: DeemConfig
+    config_class = DeemConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeemDecoderLayer", "DeemImageEncoder", "DeemPerceiver", "UNet2DConditionModel", "DeemUNetSideNetwork", "AutoencoderKL"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules = ["vae"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _tied_weights_keys = {}
+
+    def _init_weights(self, module):
+        """Initialise as the original does (§2.11): LLM Linear/Embedding normal(initializer_range), perceivers
+        their own scheme, deformable attention its own reset, everything else PyTorch's default."""
+        text_std = self.config.text_config.initializer_range
+        if hasattr(module, "_reset_parameters"):
+            module._reset_parameters()
+        elif isinstance(module, (LlamaAttention, LlamaMLP)):
+            for child in module.children():
+                if isinstance(child, nn.Linear):
+                    nn.init.normal_(child.weight, std=text_std)
+                    if child.bias is not None:
+                        nn.init.zeros_(child.bias)
+        elif isinstance(module, DeemTextModel):
+            nn.init.normal_(module.embed_tokens.weight, std=text_std)
+        elif isinstance(module, DeemTextHead):
+            nn.init.normal_(module.base.weight, std=text_std)
+            module.reset_new_token_rows()
+        elif isinstance(module, LlamaRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, LlamaRotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)
+            module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq.copy_(inv_freq)
+        elif isinstance(module, DeemForInterleavedGeneration):
+            nn.init.zeros_(module.soi_embedding)
+            if module.null_condition is not None:
+                nn.init.normal_(module.null_condition, std=self.config.initializer_range)
+        elif hasattr(module, "reset_parameters") and not isinstance(module, PreTrainedModel):
+            module.reset_parameters()
+
+
+class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
+    """DEEM for interleaved image-text modelling: text logits, and the next-image (NIP) and consistency (CSR)
+    diffusion losses in training."""
+
+    def __init__(self, config: DeemConfig):
+        super().__init__(config)
+        # PreTrainedModel resolves the attention implementation on the top config only; hand it to the sub-configs
+        # (the LLM's causal mask and attention read it from text_config).
+        config._attn_implementation = config._attn_implementation
+        text = config.text_config
+        self.image_encoder = DeemImageEncoder(config)
+        self.language_model = DeemTextModel(config)
+        self.lm_head = DeemTextHead(config)
+        self.soi_embedding = nn.Parameter(torch.zeros(1, text.hidden_size))
+        self.context_proj = nn.Linear(text.hidden_size, text.hidden_size)
+        self.decoder_perceiver = DeemPerceiver(config.decoder_perceiver_config)
+        if config.diffusion_config is not None:
+            from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+            dcfg = config.diffusion_config
+            self.unet = UNet2DConditionModel.from_config(dcfg.unet)
+            self.vae = AutoencoderKL.from_config(dcfg.vae)
+            self.unet_side = DeemUNetSideNetwork(dcfg, config.image_embed_dim)
+            self.null_condition = nn.Parameter(torch.zeros(1, config.decoder_perceiver_config.num_queries, dcfg.unet["cross_attention_dim"]))
+            self.noise_scheduler = DDPMScheduler.from_config(dcfg.scheduler)
+            self.vae.requires_grad_(False)
+        else:
+            self.unet = self.vae = self.unet_side = self.null_condition = self.noise_scheduler = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ embeddings / heads
+
+    def get_input_embeddings(self):
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.language_model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head.base
+
+    @property
+    def has_diffusion(self) -> bool:
+        return self.unet is not None
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels):
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        max_len = cfg.text_config.max_position_embeddings
+        if input_ids.shape[1] > max_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum of {max_len} tokens")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
+        runs = _image_runs(input_ids, cfg.image_token_id)
+        bad = [(b, s, n) for b, s, n in runs if n != cfg.num_image_tokens]
+        if bad:
+            b, s, n = bad[0]
+            raise ValueError(f"row {b}: image placeholder run at position {s} has {n} tokens, expected {cfg.num_image_tokens} per image")
+        for b, s, _ in runs:
+            if s == 0 or input_ids[b, s - 1] != cfg.soi_token_id:
+                raise ValueError(f"row {b}: image placeholders at position {s} are not preceded by the <|startofimage|> token")
+        per_row = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        for b, _, _ in runs:
+            per_row[b] += 1
+        n_images = int(per_row.sum())
+        n_given = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_images != n_given:
+            raise ValueError(f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values")
+        if num_images is not None and not torch.equal(torch.as_tensor(num_images).cpu().long(), per_row):
+            raise ValueError(f"num_images {torch.as_tensor(num_images).tolist()} does not match the images found per row {per_row.tolist()}")
+        if pixel_values_decoder is not None:
+            if pixel_values is None or pixel_values_decoder.shape[0] != pixel_values.shape[0]:
+                raise ValueError("pixel_values_decoder must hold one decoder view per image in pixel_values")
+            if pixel_values_decoder.dim() != 4 or pixel_values_decoder.shape[1] != 3:
+                raise ValueError(f"pixel_values_decoder must be [N,3,H,W], got shape {tuple(pixel_values_decoder.shape)}")
+            if not pixel_values_decoder.is_floating_point():
+                raise TypeError(f"pixel_values_decoder must be a floating tensor in [0,1], got {pixel_values_decoder.dtype}")
+            side = cfg.diffusion_config.image_size if cfg.diffusion_config is not None else None
+            if side is not None and tuple(pixel_values_decoder.shape[-2:]) != (side, side):
+                raise ValueError(f"pixel_values_decoder must be {side}x{side}, got {tuple(pixel_values_decoder.shape[-2:])}")
+        if image_masks is not None and pixel_values is not None and image_masks.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"image_masks has {image_masks.shape[0]} masks for {pixel_values.shape[0]} images")
+        return runs, per_row
+
+    # ------------------------------------------------------------------ multimodal inputs
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_masks: torch.Tensor | None = None):
+        """Encode images: returns the image encoder output (``llm_embeds`` [N,Q,H], multi-scale maps, ...)."""
+        return self.image_encoder(pixel_values, image_masks)
+
+    def _embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with placeholder rows replaced by image tokens (row-major) and ``soi_embedding``
+        added at every ``<|startofimage|>`` (§1.2 step 3)."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if image_embeds is not None and image_embeds.numel():
+            slots = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        is_soi = (input_ids == self.config.soi_token_id).unsqueeze(-1).to(embeds.dtype)
+        return embeds + is_soi * self.soi_embedding.to(embeds.dtype)
+
+    def _vision_states(self, maps: list[torch.Tensor], per_row: torch.Tensor, batch: int) -> torch.Tensor:
+        """[B, N_max, S, E]: the cross-attention levels of each image, flattened and concatenated (§2.5)."""
+        levels = self.config.cross_attention_config.feature_levels
+        flat = torch.cat([maps[level].flatten(2).transpose(1, 2) for level in levels], dim=1)  # [N,S,E]
+        n_max = max(int(per_row.max()), 1) if per_row.numel() else 1
+        out = flat.new_zeros(batch, n_max, flat.shape[1], flat.shape[2])
+        row = torch.repeat_interleave(torch.arange(batch), per_row)
+        col = torch.cat([torch.arange(int(n)) for n in per_row]) if len(row) else row
+        out[row, col] = flat
+        return out
+
+    def _context_features(self, hidden: torch.Tensor, image_rows, soi_pos, starts):
+        """Reversed LLM context of each image, projected + 1-D positions, and its mask (§2.8).
+
+        ``hidden`` [B,L,H]; for image i the span ``starts[i] .. soi_pos[i]`` of row ``image_rows[i]``.
+        Returns ([N, L_max, H], [N, L_max])."""
+        lengths = soi_pos - starts + 1
+        l_max = int(lengths.max())
+        offs = torch.arange(l_max, device=hidden.device)
+        idx = soi_pos[:, None] - offs[None, :]  # index 0 = the soi token, then backwards
+        valid = offs[None, :] < lengths[:, None]
+        ctx = hidden[image_rows[:, None], idx.clamp(min=0)] * valid[..., None].to(hidden.dtype)
+        ctx = self.context_proj(ctx)
+        ctx = ctx + sincos_1d(offs.float(), hidden.shape[-1]).to(ctx)[None]
+        return ctx, valid.long()
+
+    # ------------------------------------------------------------------ diffusion losses
+
+    def _encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior (mean, std) of decoder views in [0,1] -> latents space; frozen, fp32, no grad."""
+        with torch.no_grad():
+            x = images.to(device=self.vae.device, dtype=self.vae.dtype) * 2 - 1
+            moments = torch.cat([self.vae.encode(chunk).latent_dist.parameters for chunk in x.split(32)])
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return mean, std
+
+    def _denoising_loss(self, posterior, condition, side_features, side_mask, draws: DiffusionDraws, timestep_map, generator):
+        """Per-element epsilon MSE [N,4,h,w] (fp32) of the UNet + side network on noised latents (§2.9)."""
+        mean, std = posterior
+        n = mean.shape[0]
+        sched = self.noise_scheduler
+        eps = draws.latent_noise if draws.latent_noise is not None else torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * eps.to(mean)) * self.vae.config.scaling_factor
+        noise = draws.noise if draws.noise is not None else torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise.to(latents)
+        t = draws.timesteps
+        if t is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=generator, device=latents.device)
+        t = timestep_map(t.to(latents.device)).long()
+        noisy = sched.add_noise(latents, noise, t)
+        unet_dtype = self.unet.dtype
+        pred = unet_forward_with_side(
+            self.unet,
+            self.unet_side,
+            noisy.to(unet_dtype),
+            t,
+            condition.to(unet_dtype),
+            side_features=[f.to(unet_dtype) for f in side_features],
+            side_mask=side_mask,
+        )
+        return (pred.float() - noise.float()) ** 2
+
+    def csr_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """CSR timestep remap ``round((t - T/2) * scale + T/2)`` (T=1000, scale 0.6: [0,1000) -> [200,799])."""
+        half = self.noise_scheduler.config.num_train_timesteps / 2
+        return torch.round((t.double() - half) * self.config.csr_timestep_scale + half).long()
+
+    def _loss_csr(self, enc, posterior, draws, generator):
+        """Consistency semantic regularisation (§4.3): reconstruct each image from the encoder's own tokens."""
+        condition = self.image_encoder.diffusion_condition(enc.perceiver_output)
+        n = condition.shape[0]
+        side = [f[:, None] for f in enc.region_features]
+        side_mask = torch.ones(n, 1, device=condition.device, dtype=condition.dtype)
+        loss_map = self._denoising_loss(posterior, condition, side, side_mask, draws, self.csr_timesteps, generator)
+        if enc.latent_mask is None:
+            return loss_map.mean()
+        m = enc.latent_mask.to(loss_map.dtype)
+        scale = m[0].numel() / (m.sum(dim=(1, 2, 3), keepdim=True) + 1e-8)  # mean inside each image's region
+        return (loss_map * m * scale).mean()
+
+    def _loss_nip(self, hidden, enc, image_rows, soi_pos, starts, posterior, draws, generator):
+        """Next-image prediction (§4.2): images whose context is longer than ``<s><soi>`` are denoised from the
+        decoder perceiver's reading of the LLM context; mean over all images' elements as the original."""
+        n = soi_pos.shape[0]
+        lengths = soi_pos - starts + 1
+        keep = lengths > 2
+        if not bool(keep.any()):
+            return hidden.new_zeros((), dtype=torch.float32)
+        sel = keep.nonzero().squeeze(1)
+        ctx, ctx_mask = self._context_features(hidden, image_rows[sel], soi_pos[sel], starts[sel])
+        condition = self.decoder_perceiver(ctx, ctx_mask)
+        null = draws.null_condition
+        if null is None:
+            null = torch.rand(n, generator=generator, device=condition.device) < self.config.cfg_dropout_prob
+        null = null.to(condition.device).reshape(n)[sel]
+        condition = torch.where(null[:, None, None], self.null_condition.to(condition.dtype), condition)
+        side, side_mask = self._previous_image_features(enc.multiscale_features, image_rows, soi_pos, starts)
+        side = [f[sel] for f in side]
+        sub = DiffusionDraws(
+            latent_noise=None if draws.latent_noise is None else draws.latent_noise[sel.to(draws.latent_noise.device)],
+            noise=None if draws.noise is None else draws.noise[sel.to(draws.noise.device)],
+            timesteps=None if draws.timesteps is None else draws.timesteps[sel.to(draws.timesteps.device)],
+        )
+        posterior = tuple(p[sel.to(p.device)] for p in posterior)
+        loss_map = self._denoising_loss(posterior, condition, side, side_mask[sel], sub, lambda t: t, generator)
+        return loss_map.sum() / (n * loss_map[0].numel())
+
+    @staticmethod
+    def _previous_image_features(maps, image_rows, soi_pos, starts):
+        """Side features for NIP (§2.8): image i gets the maps of image i-1 when that image is in the same row
+        and inside image i's document; zeros and mask 0 otherwise. Returns (list of 4 [N,1,E,h,w], [N,1])."""
+        n = image_rows.shape[0]
+        prev_ok = torch.zeros(n, dtype=torch.bool, device=image_rows.device)
+        if n > 1:
+            prev_ok[1:] = (image_rows[1:] == image_rows[:-1]) & (soi_pos[:-1] >= starts[1:])
+        feats = []
+        for m in maps:
+            shifted = torch.cat([torch.zeros_like(m[:1]), m[:-1]], dim=0)
+            feats.append((shifted * prev_ok[:, None, None, None].to(m.dtype))[:, None])
+        return feats, prev_ok[:, None].to(maps[0].dtype)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        pixel_values_decoder: torch.FloatTensor | None = None,
+        image_masks: torch.FloatTensor | None = None,
+        num_images: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        loss_ntp_weight: float | None = None,
+        loss_nip_weight: float | None = None,
+        loss_csr_weight: float | None = None,
+        return_loss: bool | None = None,
+        csr_draws: DiffusionDraws | None = None,
+        nip_draws: DiffusionDraws | None = None,
+        generator: torch.Generator | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeemOutput:
+        r"""
+        input_ids [B,L]: text with ``<|startofimage|>`` + ``num_image_tokens`` placeholders per image.
+        pixel_values [N,3,S,S] in [0,1]: encoder views, row-major image order. pixel_values_decoder [N,3,D,D] in
+        [0,1]: decoder views (for NIP / CSR). image_masks [N,1,S,S]: region masks (1 inside). num_images [B]:
+        images per row (checked against the placeholders). labels [B,L]: next-token targets (-100 ignored;
+        derived from input_ids by the rules of §4.1 when absent). ``loss_*_weight``: per-call loss weights (a
+        weight of 0 skips that branch). ``return_loss``: default True in training mode or when labels are given.
+        ``csr_draws`` / ``nip_draws``: given random draws (see [`DiffusionDraws`]); ``generator`` for the rest.
+        """
+        cfg = self.config
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        runs, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels)
+        if return_loss is None:
+            return_loss = self.training or labels is not None
+        w_ntp = cfg.loss_ntp_weight if loss_ntp_weight is None else loss_ntp_weight
+        w_nip = cfg.loss_nip_weight if loss_nip_weight is None else loss_nip_weight
+        w_csr = cfg.loss_csr_weight if loss_csr_weight is None else loss_csr_weight
+        want_diffusion = return_loss and (w_nip > 0 or w_csr > 0) and pixel_values is not None
+        if want_diffusion and (not self.has_diffusion or pixel_values_decoder is None):
+            if self.training:
+                missing = "diffusion weights (this model was built without diffusion_config)" if not self.has_diffusion else "pixel_values_decoder"
+                raise ValueError(f"training with loss_nip_weight={w_nip} / loss_csr_weight={w_csr} needs {missing}; set those weights to 0 to train text only")
+            want_diffusion = False
+
+        enc = None
+        image_embeds = None
+        vision_states = cross_mask = vision_shapes = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            enc = self.image_encoder(pixel_values, image_masks)
+            image_embeds = enc.llm_embeds
+            vision_states = self._vision_states(enc.multiscale_features, per_row, input_ids.shape[0])
+            vision_shapes = [tuple(enc.multiscale_features[level].shape[-2:]) for level in cfg.cross_attention_config.feature_levels]
+            starts = _image_start_table(runs, input_ids.shape[0], vision_states.shape[1], input_ids.device)
+            cross_mask = cross_attention_visibility(input_ids, starts, cfg.bos_token_id).to(vision_states.dtype)
+
+        inputs_embeds = self._embed(input_ids, image_embeds)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=cfg.text_config)
+        if position_ids is None:
+            if attention_mask is not None and past_len == 0:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        hidden, all_hidden = self.language_model(
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            bool(use_cache),
+            vision_states,
+            cross_mask,
+            vision_spatial_shapes=vision_shapes,
+            output_hidden_states=bool(output_hidden_states),
+            **kwargs,
+        )
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+        loss_ntp = loss_nip = loss_csr = None
+        if return_loss and w_ntp > 0:
+            if labels is None:
+                labels = default_labels(input_ids, attention_mask, cfg)
+            labels = labels.masked_fill(input_ids == cfg.image_token_id, -100)
+            loss_ntp = next_token_loss(logits, labels, num_items_in_batch)
+        if want_diffusion:
+            posterior = self._encode_latents(pixel_values_decoder)
+            if w_csr > 0:
+                loss_csr = self._loss_csr(enc, posterior, csr_draws or DiffusionDraws(), generator)
+            if w_nip > 0:
+                image_rows, soi_pos, starts = _image_context_spans(runs, input_ids, attention_mask, cfg.bos_token_id)
+                loss_nip = self._loss_nip(hidden, enc, image_rows, soi_pos, starts, posterior, nip_draws or DiffusionDraws(), generator)
+        loss = None
+        parts = [(w_ntp, loss_ntp), (w_nip, loss_nip), (w_csr, loss_csr)]
+        if any(p is not None for _, p in parts):
+            loss = sum(w * p for w, p in parts if p is not None)
+        return DeemOutput(
+            loss=loss,
+            loss_ntp=loss_ntp,
+            loss_nip=loss_nip,
+            loss_csr=loss_csr,
+            logits=logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden,
+            image_embeds=image_embeds,
+            image_features=tuple(enc.multiscale_features) if enc is not None else None,
+        )
+
+    # ------------------------------------------------------------------ training stages / accounting
+
+    def component_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters grouped by component (each parameter in exactly one group)."""
+        groups = {name: [] for name in COMPONENTS}
+        for name, param in self.named_parameters():
+            groups[_component_of(name)].append((name, param))
+        return groups
+
+    def set_training_stage(self, stage: int) -> "DeemForInterleavedGeneration":
+        """Freeze / unfreeze as the paper's stage ``stage`` (1, 2 or 3; §1.4, §4.4) and return self."""
+        if stage not in STAGE_TRAINABLE:
+            raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        trainable = STAGE_TRAINABLE[stage]
+        for group, params in self.component_parameters().items():
+            for _, p in params:
+                p.requires_grad_(group in trainable)
+        return self
+
+    def parameter_table(self, stage: int | None = None) -> list[dict]:
+        """Rows ``{component, total, trainable}`` (+ a ``total`` row); with ``stage`` the trainable column is
+        that stage preset's, without it the model's current ``requires_grad`` state."""
+        trainable_groups = STAGE_TRAINABLE[stage] if stage is not None else None
+        rows = []
+        for group, params in self.component_parameters().items():
+            total = sum(p.numel() for _, p in params)
+            if trainable_groups is None:
+                train = sum(p.numel() for _, p in params if p.requires_grad)
+            else:
+                train = total if group in trainable_groups else 0
+            rows.append({"component": group, "total": total, "trainable": train})
+        rows.append({"component": "total", "total": sum(r["total"] for r in rows), "trainable": sum(r["trainable"] for r in rows)})
+        return rows
+
+
+# ---------------------------------------------------------------------- components and stage presets
+
+COMPONENTS = (
+    "image encoder",
+    "encoder adapters",
+    "encoder perceiver",
+    "decoder perceiver",
+    "LLM",
+    "cross-attention",
+    "text head (base)",
+    "text head (new tokens)",
+    "UNet",
+    "UNet side network",
+    "VAE",
+    "image decoder",
+    "soi embedding",
+)
+
+# §4.4: what trains in each stage. "image decoder" = context projection + learned null condition; stage 3 has
+# no diffusion losses, so the whole image-generation side stays frozen there.
+STAGE_TRAINABLE = {
+    1: {"image encoder", "encoder adapters", "encoder perceiver", "decoder perceiver", "image decoder", "cross-attention", "text head (new tokens)", "UNet side network", "soi embedding"},
+    2: {"encoder adapters", "encoder perceiver", "decoder perceiver", "image decoder", "LLM", "cross-attention", "text head (new tokens)", "UNet side network", "soi embedding"},
+    3: {"encoder adapters", "encoder perceiver", "LLM", "cross-attention", "text head (new tokens)", "soi embedding"},
+}
+
+
+def _component_of(name: str) -> str:
+    if name.startswith("image_encoder."):
+        if name.startswith("image_encoder.backbone.trunk."):
+            return "image encoder"
+        if name.startswith("image_encoder.backbone."):
+            return "encoder adapters"
+        return "encoder perceiver"
+    if name.startswith("language_model."):
+        return "cross-attention" if ".cross_attn." in name else "LLM"
+    if name.startswith("lm_head.base."):
+        return "text head (base)"
+    if name.startswith("lm_head."):
+        return "text head (new tokens)"
+    if name.startswith("decoder_perceiver."):
+        return "decoder perceiver"
+    for prefix, group in (("unet_side.", "UNet side network"), ("unet.", "UNet"), ("vae.", "VAE"), ("context_proj.", "image decoder")):
+        if name.startswith(prefix):
+            return group
+    if name == "null_condition":
+        return "image decoder"
+    if name == "soi_embedding":
+        return "soi embedding"
+    raise ValueError(f"parameter {name!r} belongs to no component")
+
+
+# ---------------------------------------------------------------------- sequence layout helpers
+
+
+def _image_runs(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every run of image placeholders, in row-major order."""
+    is_img = input_ids == image_token_id
+    prev = F.pad(is_img[:, :-1], (1, 0), value=False)
+    nxt = F.pad(is_img[:, 1:], (0, 1), value=False)
+    starts = (is_img & ~prev).nonzero().tolist()
+    ends = (is_img & ~nxt).nonzero().tolist()
+    return [(b, s, e - s + 1) for (b, s), (_, e) in zip(starts, ends)]
+
+
+def _image_start_table(runs, batch: int, n_max: int, device) -> torch.Tensor:
+    """[B, N_max] position of each image's first placeholder, -1 where a row has fewer images."""
+    table = torch.full((batch, n_max), -1, dtype=torch.long)
+    count = [0] * batch
+    for b, s, _ in runs:
+        table[b, count[b]] = s
+        count[b] += 1
+    return table.to(device)
+
+
+def cross_attention_visibility(input_ids: torch.Tensor, image_starts: torch.Tensor, bos_token_id: int, offset: int = 0) -> torch.Tensor:
+    """[B, L, N] bool: token l sees image n iff start_n <= l and start_n > nearest ``<s>`` at or before l (§2.5).
+
+    ``image_starts`` [B,N] absolute positions of the images' first placeholders (-1: no image); ``offset``:
+    absolute position of ``input_ids[:, 0]`` (cached decoding)."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device) + offset
+    bos_at = torch.where(input_ids == bos_token_id, pos[None], torch.full_like(input_ids, -1))
+    nearest_bos = torch.cummax(bos_at, dim=1).values  # [B,L]
+    starts = image_starts[:, None, :]
+    return (starts >= 0) & (starts <= pos[None, :, None]) & (starts > nearest_bos[..., None])
+
+
+def _image_context_spans(runs, input_ids, attention_mask, bos_token_id):
+    """Per image: row, position of its ``<|startofimage|>``, and the first context position (the nearest
+    ``<s>`` before the soi, or the first real token of the row). Returns three [N] long tensors."""
+    device = input_ids.device
+    rows = torch.tensor([b for b, _, _ in runs], dtype=torch.long, device=device)
+    soi = torch.tensor([s - 1 for _, s, _ in runs], dtype=torch.long, device=device)
+    pos = torch.arange(input_ids.shape[1], device=device)
+    first_real = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
+    if attention_mask is not None:
+        first_real = attention_mask.long().argmax(dim=1)
+    bos_at = torch.where(input_ids == bos_token_id, pos[None], torch.full_like(input_ids, -1))
+    nearest_bos = torch.cummax(bos_at, dim=1).values[rows, soi]
+    starts = torch.maximum(nearest_bos, first_real[rows])
+    return rows, soi, starts
+
+
+def default_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: DeemConfig) -> torch.Tensor:
+    """Next-token targets by the rules of §4.1 (unshifted, HF convention): ignore padding (``attention_mask`` 0,
+    or the pad id when no mask is given), image placeholders, ``<s>``, and a ``<|startofimage|>`` that
+    directly follows ``<s>`` (an image opening a document is not predicted)."""
+    labels = input_ids.clone()
+    ignore = (input_ids == config.image_token_id) | (input_ids == config.bos_token_id)
+    ignore |= (attention_mask == 0) if attention_mask is not None else (input_ids == config.pad_token_id)
+    prev = F.pad(input_ids[:, :-1], (1, 0), value=-1)
+    ignore |= (input_ids == config.soi_token_id) & (prev == config.bos_token_id)
+    return labels.masked_fill(ignore, -100)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of logits[:, :-1] against labels[:, 1:] in fp32; mean over supervised targets, or sum /
+    ``num_items_in_batch`` (gradient accumulation)."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    if num_items_in_batch is None:
+        if not bool((shift_labels != -100).any()):
+            return shift_logits.sum() * 0.0
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
+
+
+DeemConfig.register_for_auto_class()
+DeemForInterleavedGeneration.register_for_auto_class("AutoModel")
+
+__all__ = ["DeemForInterleavedGeneration", "DeemPreTrainedModel", "DeemOutput", "DiffusionDraws"]

@@ -1,0 +1,77 @@
+"""Shared test fixtures: tiny configs and models built in-process (no downloads)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("DEEM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def parity_a_dir():
+    path = FIXTURES / "parity_a"
+    if not path.is_dir():
+        pytest.skip(f"parity fixture not found at {path} (set DEEM_FIXTURES)")
+    return path
+
+
+def tiny_config(**overrides):
+    from deem import DeemConfig
+
+    return DeemConfig.tiny(**overrides)
+
+
+def tiny_model(seed: int = 0, **overrides):
+    from deem import DeemForInterleavedGeneration
+
+    torch.manual_seed(seed)
+    model = DeemForInterleavedGeneration(tiny_config(**overrides))
+    # Give the zero-initialised gates and the new-token head non-trivial values so every path is visible.
+    with torch.no_grad():
+        for layer in model.language_model.layers:
+            if layer.cross_attn is not None:
+                layer.cross_attn.gate.fill_(0.5)
+        model.soi_embedding.normal_(std=0.1)
+        for p in model.unet_side.parameters() if model.unet_side is not None else []:
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    return model.eval()
+
+
+def tiny_batch(config, seed: int = 0, rows=((2, 1)), pad_side="right"):
+    """Two rows: row 0 = <s> t t <soi><img>*Q t t <soi><img>*Q t </s>; row 1 = <s><soi><img>*Q t t t </s> + pads."""
+    g = torch.Generator().manual_seed(seed)
+    q, soi, img = config.num_image_tokens, config.soi_token_id, config.image_token_id
+    bos, eos, pad = config.bos_token_id, config.eos_token_id, config.pad_token_id
+
+    def text(n):
+        return torch.randint(3, config.original_vocab_size - 2, (n,), generator=g).tolist()
+
+    row0 = [bos] + text(2) + [soi] + [img] * q + text(2) + [soi] + [img] * q + text(1) + [eos]
+    row1 = [bos, soi] + [img] * q + text(3) + [eos]
+    length = max(len(row0), len(row1))
+    ids, mask = [], []
+    for row in (row0, row1):
+        n_pad = length - len(row)
+        if pad_side == "right":
+            ids.append(row + [pad] * n_pad)
+            mask.append([1] * len(row) + [0] * n_pad)
+        else:
+            ids.append([pad] * n_pad + row)
+            mask.append([0] * n_pad + [1] * len(row))
+    vis = config.vision_config.image_size
+    dec = config.diffusion_config.image_size if config.diffusion_config is not None else None
+    batch = {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": torch.tensor(mask),
+        "pixel_values": torch.rand(3, 3, vis, vis, generator=g),
+        "num_images": torch.tensor([2, 1]),
+    }
+    if dec is not None:
+        batch["pixel_values_decoder"] = torch.rand(3, 3, dec, dec, generator=g)
+    return batch
