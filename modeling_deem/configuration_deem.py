@@ -139,7 +139,9 @@ class DeemDiffusionConfig(PretrainedConfig):
     r"""Stable Diffusion parts as diffusers config dicts (``unet``, ``vae``, ``scheduler``; defaults SD-2.1-base)
     plus the UNet's multi-scale side network (MMFSNet, §2.9): one deformable cross-attention block per UNet skip
     sample and one after the mid block, reading the four encoder maps. ``side_spatial_shapes``: the map sides the
-    side network's offsets are scaled for; ``image_size``: decoder-view resolution."""
+    side network's offsets are scaled for; ``side_base_spatial_shapes``: per block (the skips in order, then the
+    mid block) the side its offsets are normalised by (``None``: each skip sample's own resolution, which is what
+    the original's hard-coded list gives for SD-2.1 at 512 px); ``image_size``: decoder-view resolution."""
 
     model_type = "deem_diffusion"
     base_config_key = "diffusion_config"
@@ -152,6 +154,7 @@ class DeemDiffusionConfig(PretrainedConfig):
     side_num_heads: int = 16
     side_num_points: int = 8
     side_spatial_shapes: list[int] | tuple[int, ...] = (64, 32, 16, 8)
+    side_base_spatial_shapes: list[int] | tuple[int, ...] | None = None
     side_max_num_images: int = 10
     side_offset_init_magnitude: float = 1.0
     side_layer_norm_eps: float = 1e-6

@@ -205,11 +205,31 @@ class DeemPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeemDecoderLayer", "DeemImageEncoder", "DeemPerceiver", "UNet2DConditionModel", "DeemUNetSideNetwork", "AutoencoderKL"]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules = ["vae"]
+    _keep_in_fp32_modules_strict = ["vae"]  # the VAE encodes in fp32 (§2.9), under fp16 and bf16 alike
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
     _tied_weights_keys = {}
+
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``; with ``strict`` (default) weights that do not fit the config
+        (missing, unexpected or wrongly shaped keys) raise a ``ValueError`` naming every such key instead of
+        being silently re-initialised or dropped."""
+        want_info = kwargs.pop("output_loading_info", False)
+        if strict:
+            kwargs.setdefault("ignore_mismatched_sizes", True)  # collect them here and report all at once
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            problems = []
+            for key, label in (("missing_keys", "missing from the checkpoint"), ("unexpected_keys", "not in the model"), ("mismatched_keys", "with the wrong shape")):
+                keys = info.get(key) or []
+                if keys:
+                    names = sorted(k if isinstance(k, str) else f"{k[0]} (checkpoint {tuple(k[1])} vs model {tuple(k[2])})" for k in keys)
+                    problems.append(f"{len(names)} key(s) {label}: {', '.join(names)}")
+            if problems:
+                raise ValueError(f"weights at {args[0] if args else kwargs.get('pretrained_model_name_or_path')} do not match the DeemConfig: " + "; ".join(problems) + " (pass strict=False to load anyway)")
+        return (model, info) if want_info else model
 
     def _init_weights(self, module):
         """Initialise as the original does (§2.11): LLM Linear/Embedding normal(initializer_range), perceivers
@@ -535,11 +555,8 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         inputs_embeds = self._embed(input_ids, image_embeds)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=cfg.text_config)
-        if position_ids is None:
-            if attention_mask is not None and past_len == 0:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                position_ids = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        if position_ids is None:  # as LlamaModel: consecutive positions (RoPE makes left padding harmless)
+            position_ids = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         hidden, all_hidden = self.language_model(
             inputs_embeds,
             attention_mask,
