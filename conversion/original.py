@@ -165,3 +165,4 @@ def config_from_original(model_config: dict, llama_config: dict, convnext: dict 
     else:
         kwargs["use_diffusion"] = False
     return DeemConfig(**kwargs)
+

@@ -77,6 +77,17 @@ def main(argv=None) -> None:
     params = sub.add_parser("params", help="per-component parameter table for the stage presets")
     params.add_argument("--config", choices=["7b", "tiny"], default="7b")
     params.add_argument("--stage", type=int, choices=[1, 2, 3])
+    sub.add_parser("assemble", help="fresh DEEM from LLaMA + SD-2.1 + open_clip checkpoints (see --help)", add_help=False)
+    sub.add_parser("convert", help="original DEEM checkpoint -> HF directory (see --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "assemble":
+        from .conversion.assemble import main as assemble_main
+
+        return assemble_main(rest)
+    if args.command == "convert":
+        from .conversion.convert_original import main as convert_main
+
+        return convert_main(rest)
     args = parser.parse_args(argv)
     if args.command == "params":
         cmd_params(args)

@@ -231,11 +231,35 @@ class DeemPreTrainedModel(PreTrainedModel):
                 raise ValueError(f"weights at {args[0] if args else kwargs.get('pretrained_model_name_or_path')} do not match the DeemConfig: " + "; ".join(problems) + " (pass strict=False to load anyway)")
         return (model, info) if want_info else model
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """Like transformers', but skip a module only when all of its (recursive) tensors were loaded: the
+        custom-code shortcut treats a module without direct parameters as initialised, which would skip the init
+        of the deformable attention, the text head and the LLaMA blocks in ``_init_weights``."""
+        if getattr(module, "_is_hf_initialized", False):
+            return
+        tensors = [*module.parameters(), *(b for b in module.buffers() if b is not None)]
+        if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
+            module._is_hf_initialized = True
+            return
+        self._init_weights(module)
+        module._is_hf_initialized = True
+
     def _init_weights(self, module):
         """Initialise as the original does (§2.11): LLM Linear/Embedding normal(initializer_range), perceivers
         their own scheme, deformable attention its own reset, everything else PyTorch's default."""
         text_std = self.config.text_config.initializer_range
-        if hasattr(module, "_reset_parameters"):
+        if isinstance(module, DeemGatedCrossAttention):
+            # HF init of the new LLM blocks, then the deformable attention's own reset, gate 0 (§2.11)
+            for child in module.modules():
+                if isinstance(child, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(child.weight, std=text_std)
+                    if getattr(child, "bias", None) is not None:
+                        nn.init.zeros_(child.bias)
+                elif isinstance(child, LlamaRMSNorm):
+                    nn.init.ones_(child.weight)
+            module.attn._reset_parameters()
+            nn.init.zeros_(module.gate)
+        elif hasattr(module, "_reset_parameters"):
             module._reset_parameters()
         elif isinstance(module, (LlamaAttention, LlamaMLP)):
             for child in module.children():

@@ -310,3 +310,31 @@ def test_full_7b_config_builds_on_meta_quickly():
     assert 8.7e7 < table["image encoder"]["total"] < 8.9e7  # ConvNeXt-B trunk
     assert len([layer for layer in model.language_model.layers if layer.cross_attn is not None]) == 8
     assert 4.8e8 < table["total"]["trainable"] < 5.0e8  # paper: 494.9M trainable in stage 1
+
+
+def test_fresh_model_has_the_original_init():
+    """§2.6, §2.7, §2.11: gates 0, new-token logits -5 (bias -100 + 95), sampling-offset weights 0, LLM
+    weights normal(initializer_range), soi vector 0."""
+    from deem import DeemForInterleavedGeneration
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = DeemForInterleavedGeneration(config)
+    head = model.lm_head
+    v0 = config.original_vocab_size
+    assert torch.all(head.base.bias[v0:] == -100) and torch.all(head.base.bias[:v0] == 0)
+    assert torch.all(head.base.weight[v0:] == 0)
+    assert torch.all(head.new_tokens.weight == 0) and torch.all(head.new_tokens.bias == 95)
+    std = config.text_config.initializer_range
+    assert abs(model.language_model.embed_tokens.weight.std().item() - std) < 0.2 * std
+    assert abs(model.language_model.layers[1].self_attn.q_proj.weight.std().item() - std) < 0.2 * std
+    assert torch.all(model.soi_embedding == 0)
+    for layer in model.language_model.layers:
+        if layer.cross_attn is not None:
+            assert layer.cross_attn.gate.item() == 0
+            assert torch.all(layer.cross_attn.attn.sampling_offsets.weight == 0)
+            assert layer.cross_attn.attn.sampling_offsets.bias.abs().max() <= config.cross_attention_config.offset_init_magnitude
+    ids = torch.tensor([[config.bos_token_id, 5, 6, 7]])
+    with torch.no_grad():
+        logits = model(input_ids=ids, return_loss=False).logits
+    torch.testing.assert_close(logits[..., v0:], torch.full_like(logits[..., v0:], -5.0))
