@@ -1,0 +1,121 @@
+"""Original checkpoint -> HF directory: the command line on fixture A's files, --verify, and bad input."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+
+@pytest.fixture(scope="module")
+def original_files(parity_a_dir, tmp_path_factory):
+    """Fixture A as a user would have it: a .bin checkpoint, the YAML, a LLaMA dir and an SD dir."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("original")
+    configs = json.loads((parity_a_dir / "configs.json").read_text())
+    state = load_file(parity_a_dir / "original_state_dict.safetensors")
+    torch.save(state, root / "pytorch_model.bin")
+    (root / "pretrain.yaml").write_text(yaml.safe_dump({"model": configs["model_config"]}))
+    (root / "llm").mkdir()
+    (root / "llm" / "config.json").write_text(json.dumps(configs["llama_config"]))
+    sd = configs["stable_diffusion"]
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        (root / "sd" / sub).mkdir(parents=True)
+        (root / "sd" / sub / name).write_text(json.dumps(sd[f"{sub}/{name}"]))
+    return root, state
+
+
+def args(root, out, checkpoint="pytorch_model.bin", extra=()):
+    return ["--checkpoint", str(root / checkpoint), "--config", str(root / "pretrain.yaml"), "--llm", str(root / "llm"), "--sd", str(root / "sd"), "--out", str(out), "--image-size", "64", *extra]
+
+
+def test_command_line_converts_and_verifies(original_files, parity_a_dir, tmp_path):
+    root, state = original_files
+    out = tmp_path / "converted"
+    proc = subprocess.run([sys.executable, "-m", "deem", "convert", *args(root, out, extra=["--verify", str(parity_a_dir)])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified" in proc.stderr
+    from deem import DeemForInterleavedGeneration
+
+    model = DeemForInterleavedGeneration.from_pretrained(out)
+    assert torch.equal(model.language_model.norm.weight, state["mm_decoder.norm.weight"])
+    assert torch.equal(model.null_condition, state["image_decoder.neg_prompt_embeds"])
+    assert model.config.vision_config.depths == [1, 1, 2, 1] and model.config.num_image_tokens == 8
+
+
+def test_safetensors_checkpoint_and_python_api(original_files, parity_a_dir):
+    from deem.conversion.convert_original import convert, verify
+
+    root, state = original_files
+    save_file(state, root / "model.safetensors")
+    cfg = yaml.safe_load((root / "pretrain.yaml").read_text())["model"]
+    model = convert(root / "model.safetensors", cfg, root / "llm", root / "sd", image_size=64)
+    report = verify(model, parity_a_dir)
+    assert max(report.values()) < 1e-4 and "logits_sel" in report
+
+
+def _expect_failure(root, out, checkpoint, match, extra=()):
+    from deem.conversion.convert_original import main
+    from deem.conversion.original import ConversionError
+
+    with pytest.raises(ConversionError, match=match):
+        main(args(root, out, checkpoint, extra))
+    assert not out.exists(), "nothing may be written when the conversion fails"
+
+
+def test_bad_checkpoints_fail_clearly_and_write_nothing(original_files, tmp_path):
+    root, state = original_files
+    out = tmp_path / "out"
+    # another model's checkpoint
+    torch.save({"encoder.layer.0.weight": torch.zeros(2, 2), **{k: v for k, v in state.items() if not k.startswith("mm_decoder.")}}, root / "other.bin")
+    _expect_failure(root, out, "other.bin", r"unmapped key.*encoder\.layer\.0\.weight.*missing.*language_model")
+    # truncated file
+    data = (root / "pytorch_model.bin").read_bytes()
+    (root / "truncated.bin").write_bytes(data[: len(data) // 2])
+    _expect_failure(root, out, "truncated.bin", r"truncated\.bin: cannot read")
+    save_file(state, root / "whole.safetensors")
+    (root / "truncated.safetensors").write_bytes((root / "whole.safetensors").read_bytes()[:4000])
+    _expect_failure(root, out, "truncated.safetensors", r"truncated\.safetensors: not a readable safetensors")
+
+    # a pickle that needs arbitrary code
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    with open(root / "evil.bin", "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    _expect_failure(root, out, "evil.bin", r"evil\.bin: refused.*arbitrary code")
+    # a config that does not match the weights: wrong number of image tokens
+    cfg = yaml.safe_load((root / "pretrain.yaml").read_text())
+    cfg["model"]["num_img_token"] = 6
+    cfg["model"]["visual_tokenizer_config"]["perceiver_config"]["num_queries"] = 6
+    (root / "wrong.yaml").write_text(yaml.safe_dump(cfg))
+    from deem.conversion.convert_original import main
+    from deem.conversion.original import ConversionError
+
+    with pytest.raises(ConversionError, match=r"shape mismatch.*image_encoder\.perceiver\.queries: checkpoint \(1, 8, 32\) vs model \(1, 6, 32\)"):
+        main(["--checkpoint", str(root / "pytorch_model.bin"), "--config", str(root / "wrong.yaml"), "--llm", str(root / "llm"), "--sd", str(root / "sd"), "--out", str(out), "--image-size", "64"])
+    assert not out.exists()
+    # diffusion weights without the SD configs
+    with pytest.raises(ConversionError, match="--sd"):
+        main(["--checkpoint", str(root / "pytorch_model.bin"), "--config", str(root / "pretrain.yaml"), "--llm", str(root / "llm"), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_duplicated_null_embedding_must_agree(original_files):
+    from deem.conversion.original import ConversionError, convert_state_dict
+
+    _, state = original_files
+    bad = dict(state)
+    bad["visual_tokenizer.neg_prompt_embeds"] = state["visual_tokenizer.neg_prompt_embeds"] + 1
+    with pytest.raises(ConversionError, match="neg_prompt_embeds differs"):
+        convert_state_dict(bad)
+    bad = dict(state)
+    bad["mm_decoder.layers.0.llama_cross_attn.attn.ignore_token"] = torch.ones_like(state["mm_decoder.layers.0.llama_cross_attn.attn.ignore_token"])
+    with pytest.raises(ConversionError, match="ignore_token.*all zeros"):
+        convert_state_dict(bad)
