@@ -206,10 +206,8 @@ def test_readme_is_the_deem_card_with_metadata_snippets_and_results(pulled, push
 def test_model_push_to_hub_writes_the_card_with_the_hook(pulled, pushed):
     _, result = pushed
     assert result["plain"] == "tester/deem-plain"
-    if result["hook"]:
-        assert CARD_MARKER in pulled["plain_readme"] and 'repo = "tester/deem-plain"' in pulled["plain_readme"]
-    else:  # without the hook in modeling_deem.py, transformers writes its generic card
-        assert CARD_MARKER not in pulled["plain_readme"] and "library_name: transformers" in pulled["plain_readme"]
+    assert result["hook"], "DeemForInterleavedGeneration must override _upload_modified_files to write the card"
+    assert CARD_MARKER in pulled["plain_readme"] and 'repo = "tester/deem-plain"' in pulled["plain_readme"]
 
 
 # ------------------------------------------------------------------------------------------ server protocol
