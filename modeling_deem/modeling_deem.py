@@ -56,6 +56,7 @@ class DeemOutput(ModelOutput):
     ``loss`` = w_ntp·loss_ntp + w_nip·loss_nip + w_csr·loss_csr over the components that ran (a component is
     ``None`` when its weight is 0 or its inputs are absent). ``logits``: [B,L,V]. ``image_embeds``: [N,Q,H]
     image tokens given to the LLM. ``image_features``: the four multi-scale encoder maps [N,E,h,w].
+    ``last_hidden_state``: [B,L,H] final-norm LLM states (the image decoder's context).
     """
 
     loss: torch.FloatTensor | None = None
@@ -65,6 +66,7 @@ class DeemOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     image_features: tuple[torch.FloatTensor, ...] | None = None
 
@@ -344,15 +346,16 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ input checks
 
-    def _check_inputs(self, input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels):
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len=0):
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         max_len = cfg.text_config.max_position_embeddings
-        if input_ids.shape[1] > max_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum of {max_len} tokens")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
+        total = past_len + input_ids.shape[1]
+        if total > max_len:
+            raise ValueError(f"sequence length {total} exceeds the model's maximum of {max_len} tokens")
+        if attention_mask is not None and tuple(attention_mask.shape) != (input_ids.shape[0], total):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)} (+ {past_len} cached tokens)")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
         runs = _image_runs(input_ids, cfg.image_token_id)
@@ -401,6 +404,14 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
         is_soi = (input_ids == self.config.soi_token_id).unsqueeze(-1).to(embeds.dtype)
         return embeds + is_soi * self.soi_embedding.to(embeds.dtype)
+
+    def _image_memory(self, enc, runs, per_row, batch: int):
+        """What the LLM's cross-attention reads: (vision_states [B,N_max,S,E], their level shapes, image_starts
+        [B,N_max] = absolute position of each image's first placeholder, -1 where a row has fewer images)."""
+        levels = self.config.cross_attention_config.feature_levels
+        states = self._vision_states(enc.multiscale_features, per_row, batch)
+        shapes = [tuple(enc.multiscale_features[level].shape[-2:]) for level in levels]
+        return states, shapes, _image_start_table(runs, batch, states.shape[1], states.device)
 
     def _vision_states(self, maps: list[torch.Tensor], per_row: torch.Tensor, batch: int) -> torch.Tensor:
         """[B, N_max, S, E]: the cross-attention levels of each image, flattened and concatenated (§2.5)."""
@@ -548,6 +559,11 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         generator: torch.Generator | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        vision_states: torch.FloatTensor | None = None,
+        vision_spatial_shapes: list[tuple[int, int]] | None = None,
+        image_starts: torch.LongTensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> DeemOutput:
         r"""
@@ -558,12 +574,20 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         derived from input_ids by the rules of §4.1 when absent). ``loss_*_weight``: per-call loss weights (a
         weight of 0 skips that branch). ``return_loss``: default True in training mode or when labels are given.
         ``csr_draws`` / ``nip_draws``: given random draws (see [`DiffusionDraws`]); ``generator`` for the rest.
+
+        Cached decoding (what ``generate`` passes): ``inputs_embeds`` [B,L,H] instead of ``input_ids`` for the
+        prompt, and the image memory computed once from the prompt's images: ``vision_states`` [B,N,S,E] with
+        ``vision_spatial_shapes``, ``image_starts`` [B,N] (absolute position of each image's first placeholder,
+        -1 for none) and the new tokens' ``cross_attention_mask`` [B,L,N].
         """
         cfg = self.config
-        if input_ids is None:
-            raise ValueError("input_ids are required")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("input_ids (or inputs_embeds) are required")
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        runs, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels)
+        if input_ids is not None:
+            runs, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len)
+        elif pixel_values is not None or labels is not None:
+            raise ValueError("pixel_values and labels need input_ids (the placeholders say where the images go)")
         if return_loss is None:
             return_loss = self.training or labels is not None
         w_ntp = cfg.loss_ntp_weight if loss_ntp_weight is None else loss_ntp_weight
@@ -576,22 +600,26 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 raise ValueError(f"training with loss_nip_weight={w_nip} / loss_csr_weight={w_csr} needs {missing}; set those weights to 0 to train text only")
             want_diffusion = False
 
-        enc = None
-        image_embeds = None
-        vision_states = cross_mask = vision_shapes = None
+        enc = image_embeds = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             enc = self.image_encoder(pixel_values, image_masks)
             image_embeds = enc.llm_embeds
-            vision_states = self._vision_states(enc.multiscale_features, per_row, input_ids.shape[0])
-            vision_shapes = [tuple(enc.multiscale_features[level].shape[-2:]) for level in cfg.cross_attention_config.feature_levels]
-            starts = _image_start_table(runs, input_ids.shape[0], vision_states.shape[1], input_ids.device)
-            cross_mask = cross_attention_visibility(input_ids, starts, cfg.bos_token_id).to(vision_states.dtype)
+            vision_states, vision_spatial_shapes, image_starts = self._image_memory(enc, runs, per_row, input_ids.shape[0])
+            cross_attention_mask = None
+        if vision_states is not None and cross_attention_mask is None:
+            if input_ids is None or image_starts is None or past_len:
+                raise ValueError("cached decoding with vision_states needs the new tokens' cross_attention_mask (generate() passes it)")
+            cross_attention_mask = cross_attention_visibility(input_ids, image_starts, cfg.bos_token_id)
+        if cross_attention_mask is not None and vision_states is not None:
+            cross_attention_mask = cross_attention_mask.to(vision_states.dtype)
 
-        inputs_embeds = self._embed(input_ids, image_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self._embed(input_ids, image_embeds)
+        batch, length = inputs_embeds.shape[:2]
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=cfg.text_config)
         if position_ids is None:  # as LlamaModel: consecutive positions (RoPE makes left padding harmless)
-            position_ids = torch.arange(past_len, past_len + input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+            position_ids = torch.arange(past_len, past_len + length, device=inputs_embeds.device)[None].expand(batch, -1)
         hidden, all_hidden = self.language_model(
             inputs_embeds,
             attention_mask,
@@ -599,15 +627,15 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             past_key_values,
             bool(use_cache),
             vision_states,
-            cross_mask,
-            vision_spatial_shapes=vision_shapes,
+            cross_attention_mask,
+            vision_spatial_shapes=vision_spatial_shapes,
             output_hidden_states=bool(output_hidden_states),
             **kwargs,
         )
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
         loss_ntp = loss_nip = loss_csr = None
-        if return_loss and w_ntp > 0:
+        if return_loss and w_ntp > 0 and input_ids is not None:
             if labels is None:
                 labels = default_labels(input_ids, attention_mask, cfg)
             labels = labels.masked_fill(input_ids == cfg.image_token_id, -100)
@@ -631,9 +659,59 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
+            last_hidden_state=hidden,
             image_embeds=image_embeds,
             image_features=tuple(enc.multiscale_features) if enc is not None else None,
         )
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_masks: torch.FloatTensor | None = None,
+        num_images: torch.LongTensor | None = None,
+        pixel_values_decoder: torch.FloatTensor | None = None,
+        soi: str = "stop",
+        **kwargs,
+    ):
+        """Text generation with the stock ``GenerationMixin`` (greedy, sampling, beam search, ``GenerationConfig``,
+        ``Cache`` objects). The prompt's images are encoded once; their cross-attention memory is reused at every
+        step. ``soi``: what ``<|startofimage|>`` does — ``"stop"`` (ends the row, like the original's
+        ``generate_texts``) or ``"suppress"`` (never generated). Image placeholders are never generated.
+        ``pixel_values_decoder`` is accepted (processor output) and unused here."""
+        cfg = self.config
+        if soi not in ("stop", "suppress"):
+            raise ValueError(f"soi must be 'stop' or 'suppress', got {soi!r}")
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (use the processor)")
+        max_new = kwargs.get("max_new_tokens") or (kwargs.get("generation_config") or self.generation_config).max_new_tokens
+        limit = cfg.text_config.max_position_embeddings
+        if max_new is not None and input_ids.shape[1] + max_new > limit:
+            raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new} exceeds the model's maximum of {limit} tokens")
+        runs, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, None, image_masks, num_images, None)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
+            states, shapes, starts = self._image_memory(enc, runs, per_row, input_ids.shape[0])
+            kwargs.update(inputs_embeds=self._embed(input_ids, enc.llm_embeds), vision_states=states, vision_spatial_shapes=shapes, image_starts=starts)
+        suppress = [cfg.image_token_id] + ([cfg.soi_token_id] if soi == "suppress" else [])
+        kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + suppress))
+        if soi == "stop" and "eos_token_id" not in kwargs:
+            eos = self.generation_config.eos_token_id
+            eos = list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id]
+            kwargs["eos_token_id"] = eos + [cfg.soi_token_id]
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs)
+        if vision_states is not None:
+            new = inputs["inputs_embeds"].shape[1] if inputs.get("inputs_embeds") is not None else inputs["input_ids"].shape[1]
+            # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
+            inputs["cross_attention_mask"] = cross_attention_visibility(input_ids, image_starts, self.config.bos_token_id)[:, -new:]
+        return inputs
 
     # ------------------------------------------------------------------ training stages / accounting
 
