@@ -707,8 +707,14 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs)
+        new = inputs["inputs_embeds"].shape[1] if inputs.get("inputs_embeds") is not None else inputs["input_ids"].shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            # positions count real tokens, so right-padded prompts continue correctly (as the original's cascade
+            # wrapper does); the stock update only adds 1 to the last prompt position.
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            inputs["position_ids"] = positions[:, -new:]
         if vision_states is not None:
-            new = inputs["inputs_embeds"].shape[1] if inputs.get("inputs_embeds") is not None else inputs["input_ids"].shape[1]
             # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
             inputs["cross_attention_mask"] = cross_attention_visibility(input_ids, image_starts, self.config.bos_token_id)[:, -new:]
         return inputs

@@ -170,3 +170,24 @@ def test_unet_probes_match(fixture, converted):
     report("pred_encoder_cond", p_enc, inter["unet_probe.pred_encoder_cond"])
     report("pred_decoder_cond_no_mmfs", p_plain, inter["unet_probe.pred_decoder_cond_no_mmfs"])
     assert torch.equal(model.csr_timesteps(inter["unet_probe.encoder_mode_timestep_map_in"]), inter["unet_probe.encoder_mode_timestep_map_out"])
+
+
+@pytest.mark.parametrize("prefix, ids_key, mask_key", [("gen", "gen_text_ids", "gen_attention_mask"), ("gen_trainbatch", "text_ids", "attention_mask")])
+def test_greedy_generation_is_token_identical(fixture, converted, prefix, ids_key, mask_key):
+    """The original's generate_texts (greedy, 8 new tokens, min_length 8, eos = </s> and <soi>); its returned ids
+    start with a <s> placeholder (transformers 4.31 with inputs_embeds), so the 8 new tokens are columns 1..8."""
+    model, inp, gen = converted, fixture["inputs"], fixture["gen"]
+    ids, mask = inp[ids_key], inp[mask_key]
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, pixel_values=inp["image_tensors"], image_masks=inp["image_tensors_mask"],
+            num_images=inp["num_image_per_seq"], max_new_tokens=8, min_new_tokens=7, do_sample=False,
+            pad_token_id=31999, return_dict_in_generate=True, output_logits=True,
+        )
+    new = out.sequences[:, ids.shape[1] :]
+    assert torch.equal(new, gen[f"{prefix}.output_ids"][:, 1:]), (new, gen[f"{prefix}.output_ids"])
+    for step, logits in enumerate(out.logits):
+        top = logits.topk(5, dim=-1)
+        report(f"{prefix} step {step} top-5", top.values, gen[f"{prefix}.step_top5_values"][step])
+        assert torch.equal(top.indices, gen[f"{prefix}.step_top5_indices"][step])
+        report(f"{prefix} step {step} logsumexp", logits.logsumexp(-1), gen[f"{prefix}.step_logsumexp"][step])
