@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from .original_keys_diffusion import rename_cross_attention_key, rename_side_network_key
+from .original_keys_diffusion import original_side_base_spatial_shapes, rename_cross_attention_key, rename_side_network_key
 from .original_keys_vision import rename_image_encoder_key, rename_perceiver_key
 
 NULL_ALIAS = "visual_tokenizer.neg_prompt_embeds"
@@ -91,23 +91,6 @@ def convert_state_dict(original: dict[str, torch.Tensor], expected: dict[str, to
     return converted
 
 
-# MMFSNet's hard-coded per-skip base sides (SD-2.1 at 512 px: 3 skips per resolution) and the mid block's.
-_ORIGINAL_SIDE_BASES = (64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8)
-_ORIGINAL_MID_BASE = 8
-
-
-def original_side_bases(unet: dict, image_size: int) -> list[int]:
-    """The original's side-network base sides: its hard-coded list divided by ``512 // image_size`` and cut to
-    the UNet's number of skip samples, then the mid block's. Equals the real skip resolutions only for SD-2.1's
-    layout at 512 px; tiny UNets get the original's (odd) values, which the converted weights were trained with."""
-    factor = 512 // image_size
-    n_blocks = len(unet["block_out_channels"])
-    n_skips = 1 + n_blocks * unet["layers_per_block"] + (n_blocks - 1)
-    if n_skips > len(_ORIGINAL_SIDE_BASES):
-        raise ValueError(f"the original side network supports at most {len(_ORIGINAL_SIDE_BASES)} UNet skip samples, this UNet has {n_skips}")
-    return [b // factor for b in _ORIGINAL_SIDE_BASES[:n_skips]] + [max(_ORIGINAL_MID_BASE // factor, 1)]
-
-
 CONVNEXT_BASE = {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024)}
 
 
@@ -160,7 +143,7 @@ def config_from_original(model_config: dict, llama_config: dict, convnext: dict 
         diffusion = dict(unet=clean(unet), vae=clean(vae), scheduler=clean(scheduler or {}), image_size=idc.get("image_size", 512))
         if side_spatial_shapes is not None:
             diffusion["side_spatial_shapes"] = tuple(side_spatial_shapes)
-        diffusion["side_base_spatial_shapes"] = original_side_bases(unet, diffusion["image_size"])
+        diffusion["side_base_spatial_shapes"] = original_side_base_spatial_shapes(unet, diffusion["image_size"])
         kwargs["diffusion_config"] = diffusion
     else:
         kwargs["use_diffusion"] = False

@@ -112,6 +112,23 @@ def extract_prefixed(original: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in original.items() if k.startswith(prefix)}
 
 
+
+
+def original_side_base_spatial_shapes(unet_config: dict, image_size: int) -> list[int]:
+    """``side_base_spatial_shapes`` that reproduce the original MMFSNet for any UNet (down blocks, then mid).
+
+    The original hard-codes SD-2.1's skip layout (three skips per resolution, 64 -> 8) divided by
+    ``downsample_factor = 512 // image_size``: skip k gets ``(64 // df) // 2 ** min(k // 3, 3)``, the mid block
+    ``(64 // df) // 8``, whatever the UNet really is (and ``side_spatial_shapes`` stays ``(64, 32, 16, 8)``).
+    For SD-2.1 at 512 px this equals the true skip resolutions; for smaller UNets it does not."""
+    from ..modeling.mmfs import unet_skip_layout
+
+    df = 512 // image_size
+    top = 64 // df
+    num_skips = len(unet_skip_layout(unet_config, 1)[0])
+    return [top // 2 ** min(k // 3, 3) for k in range(num_skips)] + [max(top // 8, 1)]
+
+
 __all__ = [
     "SIDE_NETWORK_PREFIX",
     "UNET_PREFIX",
@@ -122,4 +139,5 @@ __all__ = [
     "convert_side_network_state_dict",
     "convert_cross_attention_state_dicts",
     "extract_prefixed",
+    "original_side_base_spatial_shapes",
 ]

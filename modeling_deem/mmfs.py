@@ -17,15 +17,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.function import once_differentiable
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .pos_embed import resize_table, sincos_2d
-
-try:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-except ImportError:  # pragma: no cover - transformers always ships llama
-    LlamaRMSNorm = None
 
 MASK_LOGIT = -10000.0
 
@@ -58,73 +55,78 @@ class _DeformableSampling(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, reference_points, offsets, weights, level_shapes, level_factors):
-        # value [N, n_img, H, D, S]; reference_points [N|1, H|1, Lq, 1, 2]; offsets [N, n_img, H, Lq, P, 2];
+        # value [N, n_img, H, D, S]; reference_points [N|1, 1, Lq, 1, 2]; offsets [N, n_img, H, Lq, P, 2];
         # weights [N, n_img, L, H, Lq, P]
         ctx.level_shapes = level_shapes
         ctx.level_factors = level_factors
         ctx.save_for_backward(value, reference_points, offsets, weights)
         n, n_img, heads, head_dim, _ = value.shape
         lq, points = offsets.shape[3], offsets.shape[4]
-        out = value.new_zeros(n * heads, head_dim, lq)
-        for i in range(n_img):
-            grid_base = 2 * reference_points - 1  # [N|1, H|1, Lq, 1, 2]
-            start = 0
-            for lvl, (h, w) in enumerate(level_shapes):
-                factor = offsets.new_tensor(level_factors[lvl]) * 2
-                value_map = value[:, i, :, :, start : start + h * w].reshape(n * heads, head_dim, h, w)
-                grid = (grid_base + offsets[:, i] * factor).reshape(n * heads, lq, points, 2)
-                weight = weights[:, i, lvl].reshape(n * heads, 1, lq, points)
-                out += _sample_level(value_map, grid, weight)
-                start += h * w
-        return out.view(n, heads, head_dim, lq)
+        factors = offsets.new_tensor(level_factors) * 2  # d(grid)/d(offset) per level, (x, y)
+        grid_base = 2 * reference_points - 1
+        acc_dtype = torch.float32 if value.element_size() < 4 else value.dtype
+        out = torch.zeros(n * heads, head_dim, lq, device=value.device, dtype=acc_dtype)
+        with torch.autocast(value.device.type, enabled=False):  # the value dtype throughout, also when recomputed
+            for i in range(n_img):
+                start = 0
+                for lvl, (h, w) in enumerate(level_shapes):
+                    value_map = value[:, i, :, :, start : start + h * w].reshape(n * heads, head_dim, h, w)
+                    grid = (grid_base + offsets[:, i] * factors[lvl]).reshape(n * heads, lq, points, 2)
+                    weight = weights[:, i, lvl].reshape(n * heads, 1, lq, points)
+                    out += _sample_level(value_map, grid, weight)
+                    start += h * w
+        return out.to(value.dtype).view(n, heads, head_dim, lq)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         value, reference_points, offsets, weights = ctx.saved_tensors
         need_value, need_ref, need_offsets, need_weights = ctx.needs_input_grad[:4]
+        need_grid = need_offsets or need_ref
         n, n_img, heads, head_dim, _ = value.shape
         lq, points = offsets.shape[3], offsets.shape[4]
-        grad_out = grad_out.reshape(n * heads, head_dim, lq, 1)
+        acc_dtype = torch.float32 if value.element_size() < 4 else value.dtype
+        factors = offsets.new_tensor(ctx.level_factors) * 2
+        grid_base = 2 * reference_points - 1
+        grad_out = grad_out.reshape(n * heads, head_dim, lq, 1).to(value.dtype)
         grad_value = torch.zeros_like(value) if need_value else None
-        grad_offsets = torch.zeros_like(offsets) if need_offsets else None
         grad_weights = torch.zeros_like(weights) if need_weights else None
-        grad_grid_total = None
+        grad_offsets = torch.zeros(offsets.shape, device=offsets.device, dtype=acc_dtype) if need_offsets else None
+        grad_grid_sum = torch.zeros(n, heads, lq, 1, 2, device=offsets.device, dtype=acc_dtype) if need_ref else None
         for i in range(n_img):
-            grid_base = 2 * reference_points - 1
             start = 0
             for lvl, (h, w) in enumerate(ctx.level_shapes):
-                factor = offsets.new_tensor(ctx.level_factors[lvl]) * 2
                 value_map = value[:, i, :, :, start : start + h * w].reshape(n * heads, head_dim, h, w).detach()
-                grid = (grid_base + offsets[:, i] * factor).reshape(n * heads, lq, points, 2).detach()
+                grid = (grid_base + offsets[:, i] * factors[lvl]).reshape(n * heads, lq, points, 2).detach()
                 weight = weights[:, i, lvl].reshape(n * heads, 1, lq, points)
                 value_map.requires_grad_(need_value)
-                grid.requires_grad_(need_offsets or need_ref)
-                with torch.enable_grad():
+                grid.requires_grad_(need_grid)
+                with torch.enable_grad(), torch.autocast(value.device.type, enabled=False):
                     sampled = F.grid_sample(value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
                 if need_weights:
                     grad_weights[:, i, lvl] = (sampled.detach() * grad_out).sum(1).view(n, heads, lq, points)
-                inputs = [t for t, need in ((value_map, need_value), (grid, need_offsets or need_ref)) if need]
+                inputs = [t for t, need in ((value_map, need_value), (grid, need_grid)) if need]
                 if inputs:
-                    grads = torch.autograd.grad(sampled, inputs, grad_out * weight)
-                    grads = list(grads)
+                    grads = list(torch.autograd.grad(sampled, inputs, grad_out * weight))
                     if need_value:
-                        gv = grads.pop(0)
-                        grad_value[:, i, :, :, start : start + h * w] += gv.view(n, heads, head_dim, h * w)
-                    if need_offsets or need_ref:
-                        gg = grads.pop(0).view(n, heads, lq, points, 2)
+                        grad_map = grads.pop(0)
+                        grad_value[:, i, :, :, start : start + h * w] = grad_map.view(n, heads, head_dim, h * w)
+                    if need_grid:
+                        grad_grid = grads.pop(0).view(n, heads, lq, points, 2)
                         if need_offsets:
-                            grad_offsets[:, i] += gg * factor
+                            grad_offsets[:, i] += grad_grid * factors[lvl]
                         if need_ref:
-                            gg2 = gg * 2
-                            grad_grid_total = gg2 if grad_grid_total is None else grad_grid_total + gg2
+                            grad_grid_sum += grad_grid.sum(3, keepdim=True)
                 start += h * w
         grad_ref = None
         if need_ref:
-            grad_ref = grad_grid_total.sum(3, keepdim=True)
+            grad_ref = grad_grid_sum * 2
             for dim, size in enumerate(reference_points.shape):
                 if size == 1 and grad_ref.shape[dim] != 1:
                     grad_ref = grad_ref.sum(dim, keepdim=True)
+            grad_ref = grad_ref.to(reference_points.dtype)
+        if need_offsets:
+            grad_offsets = grad_offsets.to(offsets.dtype)
         return grad_value, grad_ref, grad_offsets, grad_weights, None, None
 
 
@@ -493,20 +495,39 @@ class DeemUNetSideNetwork(nn.Module):
     r"""MMFSNet (§2.9): residuals for every UNet down-path skip sample (``down_blocks.k``) and the mid-block output
     (``mid_block``) from the multi-scale features of one or more images.
 
-    Block k's offsets are scaled by ``side_spatial_shapes / base_k`` with ``base_k`` the side of skip sample k for a
-    full-size latent (``config.latent_size``); the sin-cos query tables are ``latent_size x latent_size``.
+    Block k's offsets are scaled by ``side_spatial_shapes / base_k``. ``base_k`` comes from
+    ``config.side_base_spatial_shapes`` (one per down block, then the mid block) when that attribute is set,
+    else it is the side of skip sample k for a full-size latent (``config.latent_size``; for SD-2.1 this is what
+    the original uses). The sin-cos query tables are ``latent_size x latent_size``.
     """
 
     def __init__(self, config, feature_dim: int):
         super().__init__()
         latent_size = config.latent_size
         skips, (mid_channels, mid_side) = unet_skip_layout(config.unet, latent_size)
+        bases = getattr(config, "side_base_spatial_shapes", None)
+        if bases is None:
+            bases = [side for _, side in skips] + [mid_side]
+        if len(bases) != len(skips) + 1:
+            raise ValueError(f"side_base_spatial_shapes has {len(bases)} entries; the UNet needs {len(skips)} skips + 1 mid")
         self.skip_layout = skips
-        self.down_blocks = nn.ModuleList(DeemSideBlock(c, feature_dim, s, latent_size, config) for c, s in skips)
-        self.mid_block = DeemSideBlock(mid_channels, feature_dim, mid_side, latent_size, config)
+        self.down_blocks = nn.ModuleList(
+            DeemSideBlock(c, feature_dim, base, latent_size, config) for (c, _), base in zip(skips, bases[:-1])
+        )
+        self.mid_block = DeemSideBlock(mid_channels, feature_dim, bases[-1], latent_size, config)
         self.gradient_checkpointing = False
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (read by diffusers pipelines for ``.to`` / model offload)."""
+        return self.mid_block.attn.value_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.mid_block.attn.value_proj.weight.device
+
     def blocks(self) -> list:
+        """The down blocks in skip order, then the mid block."""
         return [*self.down_blocks, self.mid_block]
 
     def project_features(self, features: Sequence[torch.Tensor]) -> DeemSideFeatures:
@@ -529,7 +550,11 @@ class DeemUNetSideNetwork(nn.Module):
         residuals = []
         for block, sample, value in zip(self.blocks(), (*down_block_res_samples, mid_sample), features.values):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                res = torch.utils.checkpoint.checkpoint(block, sample, value, features.spatial_shapes, mask, use_reentrant=False)
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+                if checkpoint is None:
+                    res = torch.utils.checkpoint.checkpoint(block, sample, value, features.spatial_shapes, mask, use_reentrant=False)
+                else:  # set by transformers' gradient_checkpointing_enable
+                    res = checkpoint(block, sample, value, features.spatial_shapes, mask)
             else:
                 res = block(sample, value, features.spatial_shapes, mask)
             residuals.append(res)
