@@ -71,6 +71,20 @@ class DeemOutput(ModelOutput):
     image_features: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class DeemGenerateOutput(ModelOutput):
+    """Output of interleaved [`DeemForInterleavedGeneration.generate`].
+
+    ``sequences`` [B, T]: prompt + generated ids; every drawn image appears as ``<|startofimage|>`` followed by
+    its placeholders (padding inside a row, where other rows drew an image, has ``attention_mask`` 0).
+    ``attention_mask`` [B, T]. ``images``: per row, the drawn images as [3, D, D] tensors in [0, 1], in order.
+    """
+
+    sequences: torch.LongTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    images: list[list[torch.Tensor]] | None = None
+
+
 class DeemDecoderLayer(GradientCheckpointingLayer):
     """LLaMA decoder layer with an optional gated MMFS cross-attention between self-attention and MLP (§2.5)."""
 
@@ -681,11 +695,13 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         """Text generation with the stock ``GenerationMixin`` (greedy, sampling, beam search, ``GenerationConfig``,
         ``Cache`` objects). The prompt's images are encoded once; their cross-attention memory is reused at every
         step. ``soi``: what ``<|startofimage|>`` does — ``"stop"`` (ends the row, like the original's
-        ``generate_texts``) or ``"suppress"`` (never generated). Image placeholders are never generated.
+        ``generate_texts``), ``"suppress"`` (never generated) or ``"draw"``: interleaved generation, where a row
+        that emits it gets an image drawn by the diffusion decoder from its context, encoded and appended, and
+        goes on writing (see ``_generate_interleaved``). Image placeholders are never generated.
         ``pixel_values_decoder`` is accepted (processor output) and unused here."""
         cfg = self.config
-        if soi not in ("stop", "suppress"):
-            raise ValueError(f"soi must be 'stop' or 'suppress', got {soi!r}")
+        if soi not in ("stop", "suppress", "draw"):
+            raise ValueError(f"soi must be 'draw', 'stop' or 'suppress', got {soi!r}")
         if input_ids is None:
             raise ValueError("generate needs input_ids (use the processor)")
         max_new = kwargs.get("max_new_tokens") or (kwargs.get("generation_config") or self.generation_config).max_new_tokens
@@ -693,6 +709,8 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         if max_new is not None and input_ids.shape[1] + max_new > limit:
             raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new} exceeds the model's maximum of {limit} tokens")
         runs, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, None, image_masks, num_images, None)
+        if soi == "draw":
+            return self._generate_interleaved(input_ids, attention_mask, pixel_values, image_masks, runs, per_row, **kwargs)
         if pixel_values is not None and pixel_values.shape[0] > 0:
             enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
             states, shapes, starts = self._image_memory(enc, runs, per_row, input_ids.shape[0])
@@ -704,6 +722,212 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             eos = list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id]
             kwargs["eos_token_id"] = eos + [cfg.soi_token_id]
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def image_pipeline(self, scheduler=None):
+        """A [`DeemImagePipeline`] over this model's own UNet, VAE, side network and conditioning modules."""
+        from .pipeline_deem import DeemImagePipeline
+
+        return DeemImagePipeline.from_model(self, scheduler=scheduler)
+
+    @torch.no_grad()
+    def _generate_interleaved(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_masks,
+        runs,
+        per_row,
+        max_new_tokens: int = 64,
+        max_new_images: int = 4,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.5,
+        logits_processor=None,
+        streamer=None,
+        **unused,
+    ) -> DeemGenerateOutput:
+        """Write text and draw images in one loop, for a batch (left padding), rows drawing at different steps.
+
+        When a row emits ``<|startofimage|>``: its context (nearest ``<s>`` .. soi, §2.8) conditions the diffusion
+        pipeline (previous image of the document as side features), the new image is encoded like an input image
+        and its ``num_image_tokens`` embeddings are fed to that row (other rows get masked padding in that step),
+        then decoding goes on. ``generator``: one per row (a list) makes each row independent of the others; a
+        single generator drives the whole batch. ``max_new_images`` per row; then ``<|startofimage|>`` is
+        suppressed for that row. Sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``;
+        ``logits_processor`` (a ``LogitsProcessorList``) runs first. ``streamer``: ``put(ids)`` /
+        ``put_image(row, image)`` / ``end()``."""
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        cfg = self.config
+        if unused.pop("num_beams", 1) != 1:
+            raise ValueError("interleaved generation (soi='draw') supports greedy and sampling, not beam search")
+        unused.pop("generation_config", None)
+        unused.pop("suppress_tokens", None)
+        if unused:
+            raise TypeError(f"unexpected arguments for interleaved generation: {sorted(unused)}")
+        batch, q = input_ids.shape[0], cfg.num_image_tokens
+        limit = cfg.text_config.max_position_embeddings
+        worst = input_ids.shape[1] + max_new_tokens + max_new_images * q
+        if worst > limit:
+            raise ValueError(f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} + {max_new_images} image(s) x {q} tokens = {worst} exceeds the model's maximum of {limit} tokens")
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id])
+        pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * batch
+        if len(gens) != batch:
+            raise ValueError(f"got {len(gens)} generators for {batch} rows")
+        warpers = LogitsProcessorList(list(logits_processor or []))
+        if do_sample:
+            if temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                warpers.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p))
+        device = input_ids.device
+        ids = input_ids.clone()
+        mask = attention_mask.clone() if attention_mask is not None else torch.ones_like(ids)
+
+        # per-row image memory: (first placeholder position, the four maps) of every image so far
+        memory: list[list[tuple[int, list[torch.Tensor]]]] = [[] for _ in range(batch)]
+        embeds = self.language_model.embed_tokens(ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
+            embeds = self._embed(ids, enc.llm_embeds)
+            for i, (b, start, _) in enumerate(runs):
+                memory[b].append((start, [m[i] for m in enc.multiscale_features]))
+        else:
+            embeds = self._embed(ids, None)
+        drawn: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        cache = DynamicCache(config=cfg.text_config)
+        hidden_history = []
+        pipe = self.image_pipeline() if self.has_diffusion else None
+
+        def step(chunk_embeds):
+            vision, shapes, starts = self._memory_tensors(memory, batch, device)
+            new = chunk_embeds.shape[1]
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
+            xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None
+            out = self(
+                inputs_embeds=chunk_embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                vision_states=vision, vision_spatial_shapes=shapes, image_starts=starts, cross_attention_mask=xmask, return_loss=False,
+            )
+            hidden_history.append(out.last_hidden_state)
+            return out.logits[:, -1].float()
+
+        logits = step(embeds)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            scores = warpers(ids, logits)
+            scores[:, cfg.image_token_id] = -float("inf")
+            for b in range(batch):
+                if len(drawn[b]) >= max_new_images:
+                    scores[b, cfg.soi_token_id] = -float("inf")
+            if do_sample:
+                probs = scores.softmax(-1)
+                token = torch.stack([torch.multinomial(probs[b], 1, generator=gens[b])[0] for b in range(batch)])
+            else:
+                token = scores.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, (~finished).long()[:, None]], 1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            finished |= torch.tensor([int(t) in eos for t in token.tolist()], device=device)
+            logits = step(self._embed(token[:, None], None))
+            draw = (token == cfg.soi_token_id) & ~finished
+            if bool(draw.any()):
+                if pipe is None:
+                    raise ValueError("the model emitted <|startofimage|> but has no diffusion weights; use soi='stop' or 'suppress' for text only")
+                rows = draw.nonzero().squeeze(1)
+                chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, num_inference_steps, guidance_scale, streamer)
+                ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
+                image_logits = step(chunk)
+                logits[rows] = image_logits[rows]
+            if bool(finished.all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        return DeemGenerateOutput(sequences=ids, attention_mask=mask, images=drawn)
+
+    def _memory_tensors(self, memory, batch, device):
+        """Per-row image memory -> (vision_states [B,N,S,E], level shapes, image_starts [B,N]) or Nones."""
+        n_max = max(len(m) for m in memory)
+        if n_max == 0:
+            return None, None, None
+        levels = self.config.cross_attention_config.feature_levels
+        first = next(m for m in memory if m)[0][1]
+        shapes = [tuple(first[level].shape[-2:]) for level in levels]
+        flat = lambda maps: torch.cat([maps[level].flatten(1).transpose(0, 1) for level in levels], 0)  # noqa: E731
+        s, e = flat(first).shape
+        states = torch.zeros(batch, n_max, s, e, device=device, dtype=first[0].dtype)
+        starts = torch.full((batch, n_max), -1, dtype=torch.long, device=device)
+        for b, images in enumerate(memory):
+            for n, (start, maps) in enumerate(images):
+                states[b, n] = flat(maps)
+                starts[b, n] = start
+        return states, shapes, starts
+
+    def _draw_images(self, pipe, rows, ids, mask, memory, drawn, hidden, gens, steps, guidance, streamer):
+        """Draw one image for each row in ``rows`` (which just fed ``<|startofimage|>``): condition on its context,
+        sample with the previous image of the document as side features, encode the result. Appends to ``memory``
+        and ``drawn``; returns the next chunk: embeddings [B,Q,H], ids [B,Q] and attention mask [B,Q] (masked
+        padding for the other rows)."""
+        cfg = self.config
+        device = ids.device
+        pos = torch.arange(ids.shape[1], device=device)
+        conds, sides, side_masks = [], [], []
+        for b in rows.tolist():
+            bos = int(torch.where(ids[b] == cfg.bos_token_id, pos, torch.full_like(pos, -1)).max())
+            start = max(bos, int(mask[b].argmax()))
+            keep = (mask[b, start:] == 1).nonzero().squeeze(1) + start  # skip padding from other rows' images
+            n = keep.shape[0]
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            ctx, ctx_mask = self._context_features(hidden[b, keep][None], zero, torch.tensor([n - 1], device=device), zero)
+            conds.append(self.decoder_perceiver(ctx, ctx_mask))
+            previous = [maps for first, maps in memory[b] if first > start]
+            if previous:
+                sides.append(previous[-1])
+                side_masks.append(1.0)
+            else:
+                sides.append([torch.zeros_like(m) for m in self._map_templates(memory, device)])
+                side_masks.append(0.0)
+        cond = torch.cat(conds)
+        side = [torch.stack([maps[level] for maps in sides]) for level in range(4)]
+        side_mask = torch.tensor(side_masks, device=device, dtype=cond.dtype)
+        gen = [gens[b] for b in rows.tolist()] if gens[0] is not None else None
+        pictures = pipe(prompt_embeds=cond, side_features=side, side_mask=side_mask, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt").images
+        size = cfg.vision_config.image_size
+        view = F.interpolate(pictures.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        enc = self.image_encoder(view.to(self.dtype), None)
+        q = cfg.num_image_tokens
+        chunk = torch.zeros(ids.shape[0], q, enc.llm_embeds.shape[-1], device=device, dtype=enc.llm_embeds.dtype)
+        chunk[rows] = enc.llm_embeds
+        fill = torch.full((ids.shape[0], q), cfg.pad_token_id, dtype=ids.dtype, device=device)
+        fill[rows] = cfg.image_token_id
+        chunk_mask = torch.zeros(ids.shape[0], q, dtype=mask.dtype, device=device)
+        chunk_mask[rows] = 1
+        for i, b in enumerate(rows.tolist()):
+            memory[b].append((ids.shape[1], [m[i] for m in enc.multiscale_features]))
+            drawn[b].append(pictures[i].float().cpu())
+            if streamer is not None and hasattr(streamer, "put_image"):
+                streamer.put_image(b, pictures[i])
+        return chunk, fill, chunk_mask
+
+    def _map_templates(self, memory, device):
+        """Four zero maps [E,h,w] of the encoder's multi-scale shapes (for a document without a previous image)."""
+        for images in memory:
+            if images:
+                return images[0][1]
+        side, e = self.config.vision_config.image_size, self.config.image_embed_dim
+        return [torch.zeros(e, side // 2 ** (level + 2), side // 2 ** (level + 2), device=device, dtype=self.dtype) for level in range(4)]
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs)
@@ -885,4 +1109,4 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_bat
 DeemConfig.register_for_auto_class()
 DeemForInterleavedGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["DeemForInterleavedGeneration", "DeemPreTrainedModel", "DeemOutput", "DiffusionDraws"]
+__all__ = ["DeemForInterleavedGeneration", "DeemPreTrainedModel", "DeemOutput", "DeemGenerateOutput", "DiffusionDraws"]

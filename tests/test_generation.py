@@ -104,3 +104,84 @@ def test_generation_bad_input(model):
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
     with pytest.raises(ValueError, match="soi"):
         model.generate(**batch, soi="draw")
+
+
+class ForceSoiAt:
+    """Force <|startofimage|> in given rows once they have generated ``after`` new tokens (per row)."""
+
+    def __init__(self, soi, prompt_len, plan, skip=()):
+        self.soi, self.prompt_len, self.plan, self.done, self.skip = soi, prompt_len, plan, set(), torch.tensor(list(skip), dtype=torch.long)
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for row, (rid, after) in enumerate(self.plan):
+            if after is None or rid in self.done:
+                continue
+            real = int((~torch.isin(input_ids[row, self.prompt_len :], self.skip)).sum())  # text tokens only
+            if real >= after:
+                scores[row, self.soi] = 1e4
+                self.done.add(rid)
+        return scores
+
+
+def _prompts(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [[cfg.bos_token_id] + torch.randint(3, cfg.original_vocab_size - 2, (n,), generator=g).tolist() for n in (5, 3, 4)]
+
+
+def _left_pad(rows, pad):
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _real(seq, mask):
+    return seq[mask.bool()].tolist()
+
+
+def test_interleaved_batch_equals_rows_alone(model):
+    """Rows 1 and 3 draw an image at different steps, row 2 none: each row equals generating it alone."""
+    from transformers import LogitsProcessorList
+
+    cfg = model.config
+    rows = _prompts(cfg, 3)
+    plan = [(0, 2), (1, None), (2, 4)]
+    kw = dict(max_new_tokens=8, soi="draw", num_inference_steps=2, guidance_scale=2.0, eos_token_id=-5, max_new_images=1)
+    ids, mask = _left_pad(rows, cfg.pad_token_id)
+    batch = model.generate(
+        input_ids=ids, attention_mask=mask, generator=[torch.Generator().manual_seed(10 + i) for i in range(3)],
+        logits_processor=LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], plan, (cfg.pad_token_id, cfg.image_token_id))]), **kw,
+    )
+    assert [len(x) for x in batch.images] == [1, 0, 1]
+    for i, row in enumerate(rows):
+        alone_ids = torch.tensor([row])
+        alone = model.generate(
+            input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), generator=[torch.Generator().manual_seed(10 + i)],
+            logits_processor=LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, alone_ids.shape[1], [plan[i]], (cfg.pad_token_id, cfg.image_token_id))]), **kw,
+        )
+        assert _real(batch.sequences[i], batch.attention_mask[i]) == _real(alone.sequences[0], alone.attention_mask[0])
+        assert len(alone.images[0]) == len(batch.images[i])
+        for a, b in zip(alone.images[0], batch.images[i]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    seq = batch.sequences[0][batch.attention_mask[0].bool()].tolist()
+    soi_at = seq.index(cfg.soi_token_id)
+    assert seq[soi_at + 1 : soi_at + 1 + cfg.num_image_tokens] == [cfg.image_token_id] * cfg.num_image_tokens
+
+
+def test_interleaved_is_seeded_and_needs_diffusion(model):
+    from transformers import LogitsProcessorList
+
+    cfg = model.config
+    ids = torch.tensor([_prompts(cfg, 4)[0]])
+    kw = dict(max_new_tokens=4, soi="draw", num_inference_steps=2, eos_token_id=-5, do_sample=True)
+    runs = []
+    for seed in (1, 1, 2):
+        force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 1)])])
+        runs.append(model.generate(input_ids=ids, generator=torch.Generator().manual_seed(seed), logits_processor=force, **kw))
+    assert torch.equal(runs[0].sequences, runs[1].sequences) and torch.equal(runs[0].images[0][0], runs[1].images[0][0])
+    assert not torch.equal(runs[0].images[0][0], runs[2].images[0][0])
+    text_only = tiny_model(seed=11, use_diffusion=False)
+    force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 0)])])
+    with pytest.raises(ValueError, match="no diffusion weights"):
+        text_only.generate(input_ids=ids, logits_processor=force, **kw)
