@@ -103,7 +103,7 @@ def test_generation_bad_input(model):
     with pytest.raises(ValueError, match="image"):
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
     with pytest.raises(ValueError, match="soi"):
-        model.generate(**batch, soi="draw")
+        model.generate(**batch, soi="paint")
 
 
 class ForceSoiAt:
