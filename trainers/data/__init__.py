@@ -1,0 +1,115 @@
+"""DEEM training data: readers for the real formats, packing, mixing, and the collator (reference §6).
+
+Samples (every reader yields these; `DeemDataCollator` turns a list of them into ``model(**batch)`` inputs)::
+
+    {"segments": [{"text": str, "supervise": bool}, ...],  # joined in order; one "<image>" per image
+     "images": [PIL.Image (RGB), ...],
+     "image_masks": [np.ndarray (H, W) bool | None, ...] | None,
+     "source": str}
+
+Pretraining documents are one supervised segment ending in ``</s>``; SFT samples alternate unsupervised prompt
+segments and supervised answers (each answer ends with ``</s>``).
+
+Readers: `read_mmc4` (interleaved documents, §6.2), `read_pairs` (webdataset tars or jsonl + folder, §6.3),
+`read_llava` (LLaVA instruction JSON -> VQA SFT template), `read_referring` (COCO RLE / polygon masks -> mask
+SFT). Then `PackedDataset` / `pack_samples` (rows of <= 2048 tokens, §6.4), `MixedDataset` (weights,
+MMC4 : pairs = 2 : 1), `DeemDataCollator`.
+
+Typical stage-1 setup::
+
+    mmc4 = PackedDataset(read_mmc4("mmc4/*.jsonl.zip", "mmc4_images/"), processor, 2048, max_images=15)
+    pairs = PackedDataset(read_pairs("laion/*.tar"), processor, 2048)
+    train = MixedDataset({"mmc4": mmc4, "pairs": pairs}, {"mmc4": 2, "pairs": 1}, seed=42, per_batch=4)
+    collator = DeemDataCollator(processor, 2048, train_transforms=True, center_crop=True, seed=42)
+
+Sharding: a streaming source splits its shards (or, with fewer shards than readers, its records) over
+rank x DataLoader worker slots, so each (rank, worker) reads a disjoint part and all of them read everything
+(`sources` module docstring). The rank comes from `torch.distributed`. The HF `Trainer` (accelerate) also splits
+an `IterableDataset` across processes itself (``dispatch_batches``: rank 0 reads and sends batches; otherwise
+`IterableDatasetShard`: every rank reads the full stream and keeps its share). With it, build the sources with
+``shard_by_rank=False`` (our worker split remains; accelerate's rank 0 reads and dispatches), or keep our rank
+split and wrap the DataLoader with ``accelerate.data_loader.prepare_data_loader(loader, device=...,
+num_processes=1, process_index=0, dispatch_batches=False)`` so it is not split a second time. Ranks may then get
+different amounts of data: train with ``max_steps`` and ``MixedDataset(..., stopping="cycle")``.
+
+Bad input (missing or corrupt images, too many images, over-long text, masks that do not match their image,
+malformed records): ``on_error="skip"`` drops it, counts it in ``obj.skipped[reason]`` and logs a warning with the
+count; ``on_error="raise"`` raises `DataError` (a `ValueError`) naming the file / record and the problem.
+Counters are per process: with DataLoader workers each worker counts (and warns about) its own part.
+"""
+
+from ._common import (
+    SKIP_REASONS,
+    BadSample,
+    DataError,
+    decode_image,
+    make_sample,
+    sample_text,
+    shard_slot,
+    tokenize_text,
+    validate_sample,
+)
+from .collator import DeemDataCollator
+from .images import ImageStore
+from .llava import LlavaDataset, read_llava
+from .masks import (
+    MaskError,
+    decode_rle,
+    encode_rle,
+    polygons_to_mask,
+    rle_counts_from_string,
+    rle_counts_to_string,
+    segmentation_to_mask,
+)
+from .mixing import DEFAULT_WEIGHTS, MixedDataset
+from .mmc4 import MMC4_MAX_IMAGES, MMC4_SIM_THRESHOLD, MMC4Dataset, mmc4_image_names, read_mmc4
+from .packing import MAX_IMAGES_PER_ROW, PackedDataset, SamplePacker, pack_samples
+from .pairs import PairsDataset, read_pairs, webdataset_key
+from .referring import ReferringDataset, conversation_segments, default_referring_turns, read_referring
+from .sources import MapSource, SampleList, StreamingSource, StreamingView
+
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "MAX_IMAGES_PER_ROW",
+    "MMC4_MAX_IMAGES",
+    "MMC4_SIM_THRESHOLD",
+    "SKIP_REASONS",
+    "BadSample",
+    "DataError",
+    "DeemDataCollator",
+    "ImageStore",
+    "LlavaDataset",
+    "MMC4Dataset",
+    "MapSource",
+    "MaskError",
+    "MixedDataset",
+    "PackedDataset",
+    "PairsDataset",
+    "ReferringDataset",
+    "SampleList",
+    "SamplePacker",
+    "StreamingSource",
+    "StreamingView",
+    "conversation_segments",
+    "decode_image",
+    "decode_rle",
+    "default_referring_turns",
+    "encode_rle",
+    "make_sample",
+    "mmc4_image_names",
+    "pack_samples",
+    "polygons_to_mask",
+    "read_llava",
+    "read_mmc4",
+    "read_pairs",
+    "read_referring",
+    "rle_counts_from_string",
+    "rle_counts_to_string",
+    "sample_text",
+    "segmentation_to_mask",
+    "shard_slot",
+    "tokenize_text",
+    "validate_sample",
+    "webdataset_key",
+]
