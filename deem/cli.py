@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     params.add_argument("--stage", type=int, choices=[1, 2, 3])
     sub.add_parser("assemble", help="fresh DEEM from LLaMA + SD-2.1 + open_clip checkpoints (see --help)", add_help=False)
     sub.add_parser("convert", help="original DEEM checkpoint -> HF directory (see --help)", add_help=False)
+    sub.add_parser("train", help="train one DEEM stage: deem train --stage N --config cfg.yaml (see --help)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "assemble":
         from .conversion.assemble import main as assemble_main
@@ -88,6 +89,10 @@ def main(argv=None) -> None:
         from .conversion.convert_original import main as convert_main
 
         return convert_main(rest)
+    if args.command == "train":
+        from .trainers.cli import main as train_main
+
+        return train_main(rest)
     args = parser.parse_args(argv)
     if args.command == "params":
         cmd_params(args)
