@@ -5,6 +5,15 @@ from .modeling.image_processing_deem import DeemImageProcessor
 from .modeling.modeling_deem import DeemForInterleavedGeneration, DeemOutput, DiffusionDraws
 from .modeling.processing_deem import DeemProcessor, prepare_tokenizer
 
+
+def _install_model_card_writer():
+    from .hub import write_model_card
+
+    DeemForInterleavedGeneration.model_card_writer = staticmethod(write_model_card)
+
+
+_install_model_card_writer()
+
 __all__ = [
     "DeemConfig",
     "DeemForInterleavedGeneration",

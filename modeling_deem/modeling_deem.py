@@ -332,15 +332,14 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             self.unet = self.vae = self.unet_side = self.null_condition = self.noise_scheduler = None
         self.post_init()
 
+    # ``push_to_hub`` writes README.md with this callable (save_directory, config, repo_id, num_parameters=...) when
+    # set; the ``deem`` package sets it to ``deem.hub.write_model_card``. Copies of these files loaded with
+    # trust_remote_code, without that package, keep transformers' generic card.
+    model_card_writer = None
+
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        """``push_to_hub``: upload the DEEM model card (rendered from hub_card.md by ``deem.hub``) as README.md; a
-        copy of these files running without the ``deem`` package keeps transformers' generic card."""
-        try:
-            from deem.hub import write_model_card
-        except ImportError:
-            write_model_card = None
-        if write_model_card is not None:
-            write_model_card(working_dir, self.config, repo_id, num_parameters=self.num_parameters())
+        if self.model_card_writer is not None:
+            type(self).model_card_writer(working_dir, self.config, repo_id, num_parameters=self.num_parameters())
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     # ------------------------------------------------------------------ embeddings / heads
