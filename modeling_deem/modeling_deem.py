@@ -8,6 +8,7 @@ states into a UNet condition, and Stable Diffusion's ``unet`` / ``vae`` with the
 (``unet_side``). Section numbers (§) refer to ``reference/original-deem.md``.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -721,6 +722,113 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             eos = list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id]
             kwargs["eos_token_id"] = eos + [cfg.soi_token_id]
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def score_options(self, input_ids, options, attention_mask=None, pixel_values=None, image_masks=None, num_images=None):
+        """Log-likelihood of each answer option after each prompt (how yes/no and multiple-choice benchmarks are
+        scored, §5.3). ``input_ids`` [B,L] left-padded prompts (with their images); ``options``: token-id lists
+        (without ``<s>``), the same for every row. Returns [B, num_options]: the summed log-probabilities of the
+        option tokens. Every image is encoded once per row (the original encoded only a mini-batch's first, B18)."""
+        cfg = self.config
+        batch, n_opt = input_ids.shape[0], len(options)
+        width = max(len(o) for o in options)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows, masks, targets = [], [], []
+        for b in range(batch):
+            for opt in options:
+                ids = torch.tensor(list(opt) + [cfg.pad_token_id] * (width - len(opt)), device=input_ids.device)
+                rows.append(torch.cat([input_ids[b], ids]))
+                masks.append(torch.cat([attention_mask[b], (torch.arange(width, device=ids.device) < len(opt)).long()]))
+                targets.append(len(opt))
+        ids, mask = torch.stack(rows), torch.stack(masks)
+        pixels = image_masks_rep = counts = None
+        if pixel_values is not None:
+            _, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, None, image_masks, num_images, None)
+            groups = list(pixel_values.split(per_row.tolist()))
+            pixels = torch.cat([g for g in groups for _ in range(n_opt)])
+            if image_masks is not None:
+                mgroups = list(image_masks.split(per_row.tolist()))
+                image_masks_rep = torch.cat([g for g in mgroups for _ in range(n_opt)])
+            counts = per_row.repeat_interleave(n_opt)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_masks=image_masks_rep, num_images=counts, position_ids=position_ids, return_loss=False).logits
+        logprobs = logits[:, input_ids.shape[1] - 1 : -1].float().log_softmax(-1)
+        option_ids = ids[:, input_ids.shape[1] :]
+        picked = logprobs.gather(-1, option_ids[..., None]).squeeze(-1)
+        valid = torch.arange(width, device=ids.device)[None] < torch.tensor(targets, device=ids.device)[:, None]
+        return (picked * valid).sum(-1).view(batch, n_opt)
+
+    @torch.no_grad()
+    def perception_consistency(self, pixel_values, pixel_values_decoder, image_masks=None, timesteps=(200, 350, 500, 650, 799), seed: int = 0):
+        """How well the image encoder's reading of each image lets the diffusion decoder reconstruct it: the CSR
+        loss (§4.3) per image, averaged over fixed ``timesteps`` (after the CSR remapping) with noise seeded by
+        ``seed``. Lower is better; a high value flags an input the encoder misperceives or that is out of
+        distribution. ``pixel_values`` [N,3,S,S], ``pixel_values_decoder`` [N,3,D,D] in [0,1] -> [N]."""
+        if not self.has_diffusion:
+            raise ValueError("perception_consistency needs the diffusion decoder (this model has no diffusion weights)")
+        enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
+        posterior = self._encode_latents(pixel_values_decoder)
+        condition = self.image_encoder.diffusion_condition(enc.perceiver_output)
+        side = [f[:, None] for f in enc.region_features]
+        side_mask = torch.ones(condition.shape[0], 1, device=condition.device, dtype=condition.dtype)
+        generator = torch.Generator(device=posterior[0].device).manual_seed(seed)
+        per_image = []
+        for t in timesteps:
+            n = condition.shape[0]
+            draws = DiffusionDraws(
+                latent_noise=torch.randn(posterior[0].shape, generator=generator, device=posterior[0].device),
+                noise=torch.randn(posterior[0].shape, generator=generator, device=posterior[0].device),
+                timesteps=torch.full((n,), int(t), device=posterior[0].device),
+            )
+            loss_map = self._denoising_loss(posterior, condition, side, side_mask, draws, lambda x: x, None)
+            if enc.latent_mask is not None:
+                m = enc.latent_mask.to(loss_map.dtype)
+                loss_map = loss_map * m * (m[0].numel() / (m.sum(dim=(1, 2, 3), keepdim=True) + 1e-8))
+            per_image.append(loss_map.flatten(1).mean(1))
+        return torch.stack(per_image).mean(0)
+
+    @contextlib.contextmanager
+    def test_time_adaptation(self, pixel_values, pixel_values_decoder, image_masks=None, steps: int = 5, lr: float = 4e-6, samples: int = 5, seed: int = 0):
+        """Adapt the image encoder to the given images with ``steps`` AdamW steps on the CSR loss (the diffusion
+        model as the encoder's eyes, §5.4: ``samples`` evenly spaced timesteps per image, seeded), use it inside
+        the ``with`` block, and restore every encoder weight bitwise afterwards. UNet, VAE and side network are
+        not changed (the original's disabled version also moved the diffusion model, B8)."""
+        if not self.has_diffusion:
+            raise ValueError("test-time adaptation needs the diffusion decoder (this model has no diffusion weights)")
+        saved = {k: v.detach().clone() for k, v in self.image_encoder.state_dict().items()}
+        flags = {n: p.requires_grad for n, p in self.named_parameters()}
+        was_training = self.training
+        try:
+            self.requires_grad_(False)
+            params = [p for p in self.image_encoder.parameters() if p.is_floating_point()]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(params, lr=lr)
+            generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
+            spacing = self.noise_scheduler.config.num_train_timesteps // samples
+            with torch.enable_grad():
+                for _ in range(steps):
+                    start = int(torch.randint(0, spacing, (1,), generator=generator))
+                    enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
+                    posterior = self._encode_latents(pixel_values_decoder)
+                    losses = []
+                    for k in range(samples):
+                        n = pixel_values.shape[0]
+                        draws = DiffusionDraws(timesteps=torch.full((n,), start + k * spacing, device=pixel_values.device))
+                        losses.append(self._loss_csr(enc, posterior, draws, generator))
+                    optimizer.zero_grad()
+                    torch.stack(losses).mean().backward()
+                    optimizer.step()
+            self.requires_grad_(False)
+            self.train(was_training)
+            yield self
+        finally:
+            self.image_encoder.load_state_dict(saved)
+            for n, p in self.named_parameters():
+                p.requires_grad_(flags[n])
+                p.grad = None
+            self.train(was_training)
 
     def image_pipeline(self, scheduler=None):
         """A [`DeemImagePipeline`] over this model's own UNet, VAE, side network and conditioning modules."""

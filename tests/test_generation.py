@@ -185,3 +185,57 @@ def test_interleaved_is_seeded_and_needs_diffusion(model):
     force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 0)])])
     with pytest.raises(ValueError, match="no diffusion weights"):
         text_only.generate(input_ids=ids, logits_processor=force, **kw)
+
+
+def test_score_options_equals_manual_log_likelihood(model):
+    cfg = model.config
+    batch = tiny_batch(cfg, seed=8, pad_side="left")
+    options = [[5, 6], [7], [8, 9, 10]]
+    with torch.no_grad():
+        scores = model.score_options(batch["input_ids"], options, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], num_images=batch["num_images"])
+    assert scores.shape == (2, 3)
+    # row 1, option 2 by hand: one forward on that row alone with its image
+    row = batch["attention_mask"][1].bool()
+    ids = torch.cat([batch["input_ids"][1][row], torch.tensor(options[2])])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=batch["pixel_values"][2:3], return_loss=False).logits[0].log_softmax(-1)
+    n = ids.shape[1]
+    manual = sum(logits[n - 4 + i, tok] for i, tok in enumerate(options[2]))
+    torch.testing.assert_close(scores[1, 2], manual, atol=1e-4, rtol=1e-4)
+
+
+def test_perception_consistency_is_seeded_and_sees_corruption(model):
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    size, dec = cfg.vision_config.image_size, cfg.diffusion_config.image_size
+    # smooth images (a gradient) and the same images corrupted by heavy noise
+    ramp = torch.linspace(0, 1, dec)[None, None, :].expand(2, 3, dec, dec).clone()
+    ramp[1] = ramp[1].flip(-1)
+    noisy = (ramp + torch.rand(ramp.shape, generator=g) * 2 - 1).clamp(0, 1)
+    enc_view = lambda x: torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)  # noqa: E731
+    a = model.perception_consistency(enc_view(ramp), ramp, seed=3)
+    b = model.perception_consistency(enc_view(ramp), ramp, seed=3)
+    c = model.perception_consistency(enc_view(noisy), noisy, seed=3)
+    assert a.shape == (2,) and torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_test_time_adaptation_restores_weights_bitwise(model):
+    cfg = model.config
+    batch = tiny_batch(cfg, seed=9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = batch["input_ids"][:1, : (batch["input_ids"][0] == cfg.image_token_id).nonzero()[-1, 0] + 2]
+    n_img = int((ids[0] == cfg.soi_token_id).sum())
+    pix, dec = batch["pixel_values"][:n_img], batch["pixel_values_decoder"][:n_img]
+    with torch.no_grad():
+        plain = model(input_ids=ids, pixel_values=pix, return_loss=False).logits
+    with model.test_time_adaptation(pix, dec, steps=2, lr=1e-2, samples=2):
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and all(k.startswith("image_encoder.") for k in changed)
+        with torch.no_grad():
+            adapted = model(input_ids=ids, pixel_values=pix, return_loss=False).logits
+    assert not torch.allclose(plain, adapted)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
