@@ -2,7 +2,7 @@
 
 from .modeling.configuration_deem import DeemConfig
 from .modeling.image_processing_deem import DeemImageProcessor
-from .modeling.modeling_deem import DeemForInterleavedGeneration, DeemOutput, DiffusionDraws
+from .modeling.modeling_deem import DeemForInterleavedGeneration, DeemGenerateOutput, DeemOutput, DeemStreamer, DiffusionDraws
 from .modeling.processing_deem import DeemProcessor, prepare_tokenizer
 
 
@@ -17,6 +17,8 @@ _install_model_card_writer()
 __all__ = [
     "DeemConfig",
     "DeemForInterleavedGeneration",
+    "DeemGenerateOutput",
+    "DeemStreamer",
     "DeemImageProcessor",
     "DeemOutput",
     "DeemProcessor",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, TextIteratorStreamer
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -84,6 +84,21 @@ class DeemGenerateOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
     attention_mask: torch.LongTensor | None = None
     images: list[list[torch.Tensor]] | None = None
+
+
+class DeemStreamer(TextIteratorStreamer):
+    """Iterate over what ``generate`` produces, in order: text pieces (``str``) and, with ``soi="draw"``, each
+    drawn image (``torch.Tensor`` [3,H,W] in [0,1]) as soon as it exists. Use it like ``TextIteratorStreamer``:
+    run ``generate(..., streamer=streamer)`` in a thread and iterate in another. Batch size 1."""
+
+    def put_image(self, row: int, image: torch.Tensor):
+        if row != 0:
+            raise ValueError("DeemStreamer streams one row (batch size 1)")
+        if self.token_cache:  # flush the text that precedes the image
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            self.on_finalized_text(text[self.print_len :])
+            self.token_cache, self.print_len = [], 0
+        self.text_queue.put(image.detach().float().cpu(), timeout=self.timeout)
 
 
 class DeemDecoderLayer(GradientCheckpointingLayer):
@@ -830,6 +845,20 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 p.grad = None
             self.train(was_training)
 
+    @torch.no_grad()
+    def generate_images(self, input_ids, attention_mask=None, pixel_values=None, image_masks=None, num_images=None, **kwargs):
+        """Text-to-image (and image-conditioned image generation): each prompt row gets ``<|startofimage|>``
+        appended and one image drawn from its context. Left-padded prompts; ``kwargs`` as in interleaved
+        ``generate`` (``num_inference_steps``, ``guidance_scale``, ``generator``, ...). Returns a list of
+        [3,D,D] tensors in [0,1], one per row."""
+        cfg = self.config
+        soi = torch.full((input_ids.shape[0], 1), cfg.soi_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        ids = torch.cat([input_ids, soi], 1)
+        mask = torch.cat([attention_mask if attention_mask is not None else torch.ones_like(input_ids), torch.ones_like(soi)], 1)
+        kwargs.setdefault("max_new_tokens", 0)
+        out = self.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_masks=image_masks, num_images=num_images, soi="draw", **kwargs)
+        return [row[0] for row in out.images]
+
     def image_pipeline(self, scheduler=None):
         """A [`DeemImagePipeline`] over this model's own UNet, VAE, side network and conditioning modules."""
         from .pipeline_deem import DeemImagePipeline
@@ -929,8 +958,19 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             hidden_history.append(out.last_hidden_state)
             return out.logits[:, -1].float()
 
+        if streamer is not None:
+            streamer.put(ids.cpu())
         logits = step(embeds)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        pending = (ids[:, -1] == cfg.soi_token_id) & (mask[:, -1] == 1)  # a prompt that ends in <|startofimage|>
+        if bool(pending.any()):
+            if pipe is None:
+                raise ValueError("the prompt asks for an image (<|startofimage|>) but the model has no diffusion weights")
+            rows = pending.nonzero().squeeze(1)
+            chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, num_inference_steps, guidance_scale, streamer)
+            ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
+            image_logits = step(chunk)
+            logits[rows] = image_logits[rows]
         for _ in range(max_new_tokens):
             scores = warpers(ids, logits)
             scores[:, cfg.image_token_id] = -float("inf")
@@ -1216,4 +1256,4 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_bat
 DeemConfig.register_for_auto_class()
 DeemForInterleavedGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["DeemForInterleavedGeneration", "DeemPreTrainedModel", "DeemOutput", "DeemGenerateOutput", "DiffusionDraws"]
+__all__ = ["DeemForInterleavedGeneration", "DeemPreTrainedModel", "DeemOutput", "DeemGenerateOutput", "DeemStreamer", "DiffusionDraws"]

@@ -380,6 +380,29 @@ class DeemProcessor(ProcessorMixin):
         flush()
         return segments
 
+    def post_process_interleaved(self, outputs, prompt_length: int = 0, output_type: str = "pil") -> list[list]:
+        """Interleaved ``generate(soi="draw")`` output -> per row a list of text pieces (str) and images, in
+        order. ``prompt_length``: leading columns to skip (the prompt, ``input_ids.shape[1]``). Drawn images are
+        matched in order to the generated ``<|startofimage|>`` tokens; an image of the kept prompt part (no
+        drawn picture) stays the "<image>" marker. ``output_type``: "pil" or "pt"."""
+        rows = []
+        for b, sequence in enumerate(outputs.sequences):
+            keep = outputs.attention_mask[b].bool() if getattr(outputs, "attention_mask", None) is not None else torch.ones_like(sequence, dtype=torch.bool)
+            keep[:prompt_length] = False
+            segments = self.decode_interleaved(sequence[keep])
+            drawn = list(outputs.images[b]) if outputs.images is not None else []
+            n_prompt_images = segments.count(IMAGE_MARKER) - len(drawn)
+            out, seen = [], 0
+            for piece in segments:
+                if piece == IMAGE_MARKER:
+                    seen += 1
+                    if seen > n_prompt_images:
+                        image = drawn[seen - n_prompt_images - 1]
+                        piece = self.image_processor.postprocess(image[None], output_type="pil")[0] if output_type == "pil" else image
+                out.append(piece)
+            rows.append(out)
+        return rows
+
 
 DeemProcessor.register_for_auto_class("AutoProcessor")
 

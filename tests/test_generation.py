@@ -239,3 +239,71 @@ def test_test_time_adaptation_restores_weights_bitwise(model):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_generate_images_equals_the_standalone_pipeline(model):
+    """Text-to-image through generate (prompt + <|startofimage|>) gives the image the pipeline draws from the
+    same context with the same seed."""
+    cfg = model.config
+    ids = torch.tensor([_prompts(cfg, 12)[0]])
+    kw = dict(num_inference_steps=3, guidance_scale=2.5)
+    with torch.no_grad():
+        via_generate = model.generate_images(ids, generator=[torch.Generator().manual_seed(7)], **kw)[0]
+        with_soi = torch.cat([ids, torch.tensor([[cfg.soi_token_id]])], 1)
+        hidden = model(input_ids=with_soi, return_loss=False).last_hidden_state
+        n = with_soi.shape[1]
+        zero = torch.zeros(1, dtype=torch.long)
+        ctx, ctx_mask = model._context_features(hidden, zero, torch.tensor([n - 1]), zero)
+        pipe = model.image_pipeline()
+        assert pipe.unet is model.unet and pipe.vae is model.vae
+        standalone = pipe(context_features=ctx, context_mask=ctx_mask, generator=[torch.Generator().manual_seed(7)], output_type="pt", **kw).images[0]
+    torch.testing.assert_close(via_generate, standalone, atol=1e-5, rtol=1e-5)
+
+
+def test_streamer_yields_text_and_images_in_order(model):
+    import threading
+
+    from transformers import LogitsProcessorList
+
+    from deem import DeemStreamer, prepare_tokenizer
+    from tokenizer_utils import build_test_tokenizer
+
+    cfg = model.config
+    tokenizer = prepare_tokenizer(build_test_tokenizer())
+    streamer = DeemStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = torch.tensor([_prompts(cfg, 13)[0]])
+    force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 2)], (cfg.pad_token_id, cfg.image_token_id))])
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=model.generate(
+        input_ids=ids, soi="draw", max_new_tokens=5, num_inference_steps=2, eos_token_id=-5, logits_processor=force, streamer=streamer)))
+    thread.start()
+    events = list(streamer)
+    thread.join()
+    kinds = [type(e).__name__ for e in events if not (isinstance(e, str) and e == "")]
+    assert "Tensor" in kinds and kinds[0] == "str" and kinds[-1] == "str"
+    image = next(e for e in events if isinstance(e, torch.Tensor))
+    torch.testing.assert_close(image, result["out"].images[0][0])
+
+
+def test_post_process_interleaved_puts_drawn_images_in_place():
+    from PIL import Image
+
+    from deem import DeemGenerateOutput, DeemImageProcessor, DeemProcessor, prepare_tokenizer
+    from tokenizer_utils import build_test_tokenizer
+
+    tokenizer = prepare_tokenizer(build_test_tokenizer())
+    processor = DeemProcessor(DeemImageProcessor(size=64, decoder_size=32), tokenizer, num_image_tokens=2)
+    prompt = processor(text=["a photo <image> of"], images=[Image.new("RGB", (8, 8))], padding_side="left")["input_ids"]
+    hello = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    bye = tokenizer("bye", add_special_tokens=False)["input_ids"]
+    image_run = [processor.soi_token_id] + [processor.image_token_id] * 2
+    generated = hello + image_run + bye
+    sequences = torch.cat([prompt, torch.tensor([generated + [tokenizer.pad_token_id] * 2])], 1)
+    mask = torch.ones_like(sequences)
+    mask[0, -2:] = 0
+    drawn = torch.rand(3, 32, 32)
+    out = DeemGenerateOutput(sequences=sequences, attention_mask=mask, images=[[drawn]])
+    pieces = processor.post_process_interleaved(out, prompt_length=prompt.shape[1], output_type="pt")[0]
+    assert pieces[0].strip() == "hello there" and torch.equal(pieces[1], drawn) and pieces[2].strip() == "bye"
+    whole = processor.post_process_interleaved(out)[0]
+    assert whole.count("<image>") == 1 and isinstance(whole[3], Image.Image)  # prompt image stays a marker
