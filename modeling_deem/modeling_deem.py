@@ -113,6 +113,7 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = LlamaRMSNorm(text.hidden_size, eps=text.rms_norm_eps)
         has_xattn = layer_idx % config.cross_attention_config.frequency == 0
         self.cross_attn = DeemGatedCrossAttention.from_config(config) if has_xattn else None
+        self.cross_index = layer_idx // config.cross_attention_config.frequency if has_xattn else None
 
     def forward(
         self,
@@ -139,7 +140,9 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         if self.cross_attn is not None and vision_states is not None:
-            hidden_states = hidden_states + self.cross_attn(hidden_states, vision_states, cross_attention_mask, spatial_shapes=vision_spatial_shapes)
+            projected = vision_states.dim() == 5  # [B, K, N, S, E]: per cross-attention layer, already projected
+            states = vision_states[:, self.cross_index] if projected else vision_states
+            hidden_states = hidden_states + self.cross_attn(hidden_states, states, cross_attention_mask, spatial_shapes=vision_spatial_shapes, vision_states_projected=projected)
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states
@@ -375,7 +378,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ input checks
 
-    def _check_inputs(self, input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len=0):
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len=0, images_encoded=False):
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
@@ -400,7 +403,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             per_row[b] += 1
         n_images = int(per_row.sum())
         n_given = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_images != n_given:
+        if n_images != n_given and not images_encoded:
             raise ValueError(f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values")
         if num_images is not None and not torch.equal(torch.as_tensor(num_images).cpu().long(), per_row):
             raise ValueError(f"num_images {torch.as_tensor(num_images).tolist()} does not match the images found per row {per_row.tolist()}")
@@ -441,6 +444,12 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         states = self._vision_states(enc.multiscale_features, per_row, batch)
         shapes = [tuple(enc.multiscale_features[level].shape[-2:]) for level in levels]
         return states, shapes, _image_start_table(runs, batch, states.shape[1], states.device)
+
+    def project_vision_states(self, vision_states: torch.Tensor) -> torch.Tensor:
+        """[B,N,S,E] -> [B,K,N,S,E]: each of the K cross-attention layers' normalised value projection, so cached
+        decoding does not redo it every step (``forward`` accepts either form as ``vision_states``)."""
+        layers = [layer.cross_attn for layer in self.language_model.layers if layer.cross_attn is not None]
+        return torch.stack([xattn.project_vision_states(vision_states) for xattn in layers], dim=1)
 
     def _vision_states(self, maps: list[torch.Tensor], per_row: torch.Tensor, batch: int) -> torch.Tensor:
         """[B, N_max, S, E]: the cross-attention levels of each image, flattened and concatenated (§2.5)."""
@@ -614,7 +623,10 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             raise ValueError("input_ids (or inputs_embeds) are required")
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
         if input_ids is not None:
-            runs, per_row = self._check_inputs(input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len)
+            runs, per_row = self._check_inputs(
+                input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len,
+                images_encoded=pixel_values is None and vision_states is not None,
+            )
         elif pixel_values is not None or labels is not None:
             raise ValueError("pixel_values and labels need input_ids (the placeholders say where the images go)")
         if return_loss is None:
@@ -729,7 +741,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
             states, shapes, starts = self._image_memory(enc, runs, per_row, input_ids.shape[0])
-            kwargs.update(inputs_embeds=self._embed(input_ids, enc.llm_embeds), vision_states=states, vision_spatial_shapes=shapes, image_starts=starts)
+            kwargs.update(inputs_embeds=self._embed(input_ids, enc.llm_embeds), vision_states=self.project_vision_states(states), vision_spatial_shapes=shapes, image_starts=starts)
         suppress = [cfg.image_token_id] + ([cfg.soi_token_id] if soi == "suppress" else [])
         kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + suppress))
         if soi == "stop" and "eos_token_id" not in kwargs:
@@ -913,6 +925,10 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         worst = input_ids.shape[1] + max_new_tokens + max_new_images * q
         if worst > limit:
             raise ValueError(f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} + {max_new_images} image(s) x {q} tokens = {worst} exceeds the model's maximum of {limit} tokens")
+        capacity = cfg.cross_attention_config.max_num_images
+        most = int(per_row.max()) if per_row.numel() else 0
+        if most + max_new_images > capacity:
+            raise ValueError(f"a row may hold at most {capacity} images (cross_attention_config.max_num_images): {most} in the prompt + max_new_images {max_new_images} is too many")
         eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id])
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
@@ -946,8 +962,16 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         hidden_history = []
         pipe = self.image_pipeline() if self.has_diffusion else None
 
+        projected = {}
+
         def step(chunk_embeds):
             vision, shapes, starts = self._memory_tensors(memory, batch, device)
+            if vision is not None:
+                key = tuple(len(m) for m in memory)  # the memory only grows: re-project when an image is added
+                if key not in projected:
+                    projected.clear()
+                    projected[key] = self.project_vision_states(vision)
+                vision = projected[key]
             new = chunk_embeds.shape[1]
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
             xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None

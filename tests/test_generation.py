@@ -307,3 +307,27 @@ def test_post_process_interleaved_puts_drawn_images_in_place():
     assert pieces[0].strip() == "hello there" and torch.equal(pieces[1], drawn) and pieces[2].strip() == "bye"
     whole = processor.post_process_interleaved(out)[0]
     assert whole.count("<image>") == 1 and isinstance(whole[3], Image.Image)  # prompt image stays a marker
+
+
+def test_projected_vision_states_give_the_same_logits(model):
+    cfg = model.config
+    batch = tiny_batch(cfg, seed=14)
+    with torch.no_grad():
+        full = model(**batch, return_loss=False)
+        enc = model.image_encoder(batch["pixel_values"])
+        from deem.modeling.modeling_deem import _image_runs
+
+        runs = _image_runs(batch["input_ids"], cfg.image_token_id)
+        states, shapes, starts = model._image_memory(enc, runs, batch["num_images"], 2)
+        embeds = model._embed(batch["input_ids"], enc.llm_embeds)
+        projected = model.project_vision_states(states)
+        assert projected.shape[:2] == (2, len(range(0, cfg.text_config.num_hidden_layers, cfg.cross_attention_config.frequency)))
+        again = model(input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"], vision_states=projected, vision_spatial_shapes=shapes, image_starts=starts, return_loss=False)
+    torch.testing.assert_close(again.logits, full.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_too_many_images_for_the_cross_attention_is_refused_before_work(model):
+    cfg = model.config
+    ids = torch.tensor([_prompts(cfg, 15)[0]])
+    with pytest.raises(ValueError, match="at most .* images"):
+        model.generate(input_ids=ids, soi="draw", max_new_images=cfg.cross_attention_config.max_num_images + 1, max_new_tokens=2)
