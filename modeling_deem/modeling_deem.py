@@ -897,6 +897,8 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 3.5,
+        height: int | None = None,
+        width: int | None = None,
         logits_processor=None,
         streamer=None,
         **unused,
@@ -909,7 +911,8 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         then decoding goes on. ``generator``: one per row (a list) makes each row independent of the others; a
         single generator drives the whole batch. ``max_new_images`` per row; then ``<|startofimage|>`` is
         suppressed for that row. Sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``;
-        ``logits_processor`` (a ``LogitsProcessorList``) runs first. ``streamer``: ``put(ids)`` /
+        ``logits_processor`` (a ``LogitsProcessorList``) runs first. ``height`` / ``width``: size of the drawn
+        images (default the decoder resolution; they are resized to the encoder's to be read back). ``streamer``: ``put(ids)`` /
         ``put_image(row, image)`` / ``end()``."""
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -991,7 +994,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             if pipe is None:
                 raise ValueError("the prompt asks for an image (<|startofimage|>) but the model has no diffusion weights")
             rows = pending.nonzero().squeeze(1)
-            chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, num_inference_steps, guidance_scale, streamer)
+            chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, (num_inference_steps, guidance_scale, height, width), streamer)
             ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
             image_logits = step(chunk)
             logits[rows] = image_logits[rows]
@@ -1018,7 +1021,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 if pipe is None:
                     raise ValueError("the model emitted <|startofimage|> but has no diffusion weights; use soi='stop' or 'suppress' for text only")
                 rows = draw.nonzero().squeeze(1)
-                chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, num_inference_steps, guidance_scale, streamer)
+                chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, (num_inference_steps, guidance_scale, height, width), streamer)
                 ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
                 image_logits = step(chunk)
                 logits[rows] = image_logits[rows]
@@ -1046,7 +1049,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 starts[b, n] = start
         return states, shapes, starts
 
-    def _draw_images(self, pipe, rows, ids, mask, memory, drawn, hidden, gens, steps, guidance, streamer):
+    def _draw_images(self, pipe, rows, ids, mask, memory, drawn, hidden, gens, sampling, streamer):
         """Draw one image for each row in ``rows`` (which just fed ``<|startofimage|>``): condition on its context,
         sample with the previous image of the document as side features, encode the result. Appends to ``memory``
         and ``drawn``; returns the next chunk: embeddings [B,Q,H], ids [B,Q] and attention mask [B,Q] (masked
@@ -1074,7 +1077,11 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         side = [torch.stack([maps[level] for maps in sides]) for level in range(4)]
         side_mask = torch.tensor(side_masks, device=device, dtype=cond.dtype)
         gen = [gens[b] for b in rows.tolist()] if gens[0] is not None else None
-        pictures = pipe(prompt_embeds=cond, side_features=side, side_mask=side_mask, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt").images
+        steps, guidance, height, width = sampling
+        pictures = pipe(
+            prompt_embeds=cond, side_features=side, side_mask=side_mask, num_inference_steps=steps, guidance_scale=guidance,
+            height=height, width=width, generator=gen, output_type="pt",
+        ).images
         size = cfg.vision_config.image_size
         view = F.interpolate(pictures.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         enc = self.image_encoder(view.to(self.dtype), None)

@@ -331,3 +331,10 @@ def test_too_many_images_for_the_cross_attention_is_refused_before_work(model):
     ids = torch.tensor([_prompts(cfg, 15)[0]])
     with pytest.raises(ValueError, match="at most .* images"):
         model.generate(input_ids=ids, soi="draw", max_new_images=cfg.cross_attention_config.max_num_images + 1, max_new_tokens=2)
+
+
+def test_interleaved_image_size_is_set_by_the_call(model):
+    cfg = model.config
+    ids = torch.tensor([_prompts(cfg, 16)[0]])
+    images = model.generate_images(ids, num_inference_steps=2, height=48, width=48, generator=[torch.Generator().manual_seed(0)])
+    assert images[0].shape == (3, 48, 48) and 0 <= float(images[0].min()) and float(images[0].max()) <= 1

@@ -195,7 +195,7 @@ def test_readme_is_the_deem_card_with_metadata_snippets_and_results(pulled, push
     text = pulled["readme"][result["v1"]]
     for snippet in (f'repo = "{REPO_ID}"', "AutoModel.from_pretrained(repo, trust_remote_code=True",
                     "AutoProcessor.from_pretrained(repo, trust_remote_code=True)", "model.generate(",
-                    "decode_interleaved", "num_inference_steps", "set_training_stage(1)", "set_training_stage(2)",
+                    "post_process_interleaved", "generate_images", "num_inference_steps", "set_training_stage(1)", "set_training_stage(2)",
                     "set_training_stage(3)", "| VQAv2 |", "| POPE | adversarial | f1 | 86.8 |", "arXiv:2405.15232",
                     "Diffusion Models Serve as the Eyes of Large Language Models for Image Perception"):
         assert snippet in text, snippet
