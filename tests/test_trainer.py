@@ -378,12 +378,15 @@ def _run(cmd, cwd, timeout=400):
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) at batch 2 per process == 1 process at batch 2 x accumulation 2."""
+    """accelerate launch, 2 processes (gloo) at batch 2 per process == 1 process at batch 2 x accumulation 2."""
     from deem.trainers.cli import build_trainer, load_config
 
     sets = ["training.max_steps=4", "training.logging_steps=1", "training.warmup_steps=1"]
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "deem.trainers", "--stage", "1", "--config", "tiny", "--output_dir", str(two)]
+    # accelerate's own launcher with real processes; on CPU it needs --multi_gpu to use torch.distributed (gloo),
+    # plain --cpu --num_processes 2 goes to its MPI launcher and starts one process
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = accelerate + ["-m", "deem.trainers", "--stage", "1", "--config", "tiny", "--output_dir", str(two)]
     for s in sets:
         cmd += ["--set", s]
     _run(cmd, cwd=tmp_path)
