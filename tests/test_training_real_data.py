@@ -84,3 +84,27 @@ def test_stage_trains_on_real_format_data(tmp_path, stage, build):
         assert any("loss_nip" in row for row in logs)  # images after text in MMC4 documents get NIP
     first, last = _first_last(logs, "loss_ntp")
     assert last < first, (first, last)
+
+
+@pytest.mark.slow
+def test_streaming_reader_under_two_processes_reads_each_sample_once(tmp_path):
+    """2 processes x batch 2 x 2 steps over 8 streamed pairs: the ranks together train on every pair exactly once
+    (accelerate must not split or dispatch the readers' own per-rank shards again)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "pairs").mkdir()
+    shards = write_pair_tars(tmp_path / "pairs", 2, 4)
+    here = Path(__file__).parent
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(here / "streaming_ranks_script.py"), str(tmp_path / "out"), *shards]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = [json.loads((tmp_path / "out" / f"seen{r}.json").read_text()) for r in (0, 1)]
+    captions = lambda texts: sorted(t for t in texts if "caption number" in t)  # noqa: E731
+    assert len(captions(seen[0])) == len(captions(seen[1])) == 4
+    assert not set(captions(seen[0])) & set(captions(seen[1]))
+    assert len(captions(seen[0] + seen[1])) == 8

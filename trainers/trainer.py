@@ -303,6 +303,24 @@ class DeemTrainerMixin:
 
     # ------------------------------------------------------------------ optimizer
 
+    def get_train_dataloader(self):
+        """Map-style data: the Trainer's own loader. Streaming data (``IterableDataset``): the ``deem.trainers.data``
+        readers already give every (rank, worker) its own disjoint part, so the loader is prepared as for a
+        single process — accelerate must not split or dispatch it a second time (each rank would then see only a
+        fraction of its share)."""
+        if not isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            return super().get_train_dataloader()
+        from accelerate.data_loader import prepare_data_loader
+
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return prepare_data_loader(loader, device=self.accelerator.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False)
+
     def create_optimizer(self, model=None):
         """AdamW (or ``args.optim``) over [`build_param_groups`]: per-group learning rates and weight decay."""
         opt_model = self.model if model is None else model
