@@ -965,16 +965,15 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         hidden_history = []
         pipe = self.image_pipeline() if self.has_diffusion else None
 
-        projected = {}
+        cached = {}
 
         def step(chunk_embeds):
-            vision, shapes, starts = self._memory_tensors(memory, batch, device)
-            if vision is not None:
-                key = tuple(len(m) for m in memory)  # the memory only grows: re-project when an image is added
-                if key not in projected:
-                    projected.clear()
-                    projected[key] = self.project_vision_states(vision)
-                vision = projected[key]
+            key = tuple(len(m) for m in memory)  # the memory only grows: rebuild and re-project when an image is added
+            if key not in cached:
+                vision, shapes, starts = self._memory_tensors(memory, batch, device)
+                cached.clear()
+                cached[key] = (self.project_vision_states(vision) if vision is not None else None, shapes, starts)
+            vision, shapes, starts = cached[key]
             new = chunk_embeds.shape[1]
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
             xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None

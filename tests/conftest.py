@@ -29,17 +29,11 @@ def tiny_config(**overrides):
 def tiny_model(seed: int = 0, **overrides):
     from deem import DeemForInterleavedGeneration
 
+    from deem.trainers.cli import visible_init
+
     torch.manual_seed(seed)
     model = DeemForInterleavedGeneration(tiny_config(**overrides))
-    # Give the zero-initialised gates and the new-token head non-trivial values so every path is visible.
-    with torch.no_grad():
-        for layer in model.language_model.layers:
-            if layer.cross_attn is not None:
-                layer.cross_attn.gate.fill_(0.5)
-        model.soi_embedding.normal_(std=0.1)
-        for p in model.unet_side.parameters() if model.unet_side is not None else []:
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
+    visible_init(model)  # non-zero gates, soi vector and side-network weights so every path is visible
     return model.eval()
 
 
