@@ -101,6 +101,23 @@ def convert(checkpoint, model_config: dict, llm_dir, sd_dir=None, out_dir=None, 
     return model
 
 
+SCALE_ULPS = 16
+
+
+def parity_close(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5, ulps: int = SCALE_ULPS) -> tuple[bool, float]:
+    """Float32 parity: every element within ``atol + rtol·|ref|`` or within ``ulps`` float32 ulps of the tensor's
+    scale (``ulps·eps·max|ref|``). The second bound covers small elements computed from large ones (LLM residual
+    streams reach |x| ≈ 20, so different BLAS kernels leave ~1e-5 on elements of size 0.01). Returns (ok, max abs
+    deviation)."""
+    if ours.shape != ref.shape:
+        return False, float("inf")
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    dev = (ours - ref).abs()
+    scale = ulps * torch.finfo(torch.float32).eps * float(ref.abs().max()) if ref.numel() else 0.0
+    ok = bool(((dev <= atol + rtol * ref.abs()) | (dev <= scale)).all()) and not bool(torch.isnan(ours).any() ^ torch.isnan(ref).any())
+    return ok, float(dev.max()) if dev.numel() else 0.0
+
+
 def verify(model, fixture_dir, atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, float]:
     """Run ``model`` on a recorded batch (``inputs.safetensors``) and compare with the recorded outputs
     (``intermediates.safetensors``: hidden states, logit slices, log-sum-exp, arg-max). Returns the max abs
@@ -126,9 +143,9 @@ def verify(model, fixture_dir, atol: float = 1e-5, rtol: float = 1e-5) -> dict[s
     pairs["logsumexp"] = (out.logits.logsumexp(-1), ref["text_decoder.logits_logsumexp"])
     report = {}
     for name, (ours, theirs) in pairs.items():
-        dev = (ours.double() - theirs.double()).abs().max().item()
+        ok, dev = parity_close(ours, theirs, atol=atol, rtol=rtol)
         report[name] = dev
-        if not torch.allclose(ours.double(), theirs.double(), atol=atol, rtol=rtol):
+        if not ok:
             raise ConversionError(f"verification failed: {name} deviates by {dev:.3g} from {fixture_dir}")
     if not torch.equal(out.logits.argmax(-1), ref["text_decoder.logits_argmax"]):
         raise ConversionError(f"verification failed: arg-max of the logits differs from {fixture_dir}")

@@ -9,6 +9,8 @@ states into a UNet condition, and Stable Diffusion's ``unet`` / ``vae`` with the
 """
 
 import contextlib
+import queue
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import ModelOutput, logging
 
+from .compat import ATTENTION_CACHE_KW, CACHE_FIELD, MASK_CACHE_KW, model_output_class, pop_cache_kwarg
 from .configuration_deem import DeemConfig
 from .mmfs import DeemGatedCrossAttention, DeemUNetSideNetwork, unet_forward_with_side
 from .pos_embed import sincos_1d
@@ -50,26 +53,30 @@ class DiffusionDraws:
     null_condition: torch.Tensor | None = None
 
 
-@dataclass
-class DeemOutput(ModelOutput):
+DeemOutput = model_output_class(
+    "DeemOutput",
+    __name__,
     """Output of [`DeemForInterleavedGeneration.forward`].
 
     ``loss`` = w_ntp·loss_ntp + w_nip·loss_nip + w_csr·loss_csr over the components that ran (a component is
-    ``None`` when its weight is 0 or its inputs are absent). ``logits``: [B,L,V]. ``image_embeds``: [N,Q,H]
-    image tokens given to the LLM. ``image_features``: the four multi-scale encoder maps [N,E,h,w].
-    ``last_hidden_state``: [B,L,H] final-norm LLM states (the image decoder's context).
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_ntp: torch.FloatTensor | None = None
-    loss_nip: torch.FloatTensor | None = None
-    loss_csr: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    last_hidden_state: torch.FloatTensor | None = None
-    image_embeds: torch.FloatTensor | None = None
-    image_features: tuple[torch.FloatTensor, ...] | None = None
+    ``None`` when its weight is 0 or its inputs are absent). ``logits``: [B,L,V]. ``cache``: the LLM's ``Cache``
+    (the field is named as the installed transformers names it: ``cache`` from 5.24 on, ``past_key_values``
+    before). ``image_embeds``: [N,Q,H] image tokens given to the LLM. ``image_features``: the four multi-scale
+    encoder maps [N,E,h,w]. ``last_hidden_state``: [B,L,H] final-norm LLM states (the image decoder's context).
+    """,
+    [
+        ("loss", torch.FloatTensor | None),
+        ("loss_ntp", torch.FloatTensor | None),
+        ("loss_nip", torch.FloatTensor | None),
+        ("loss_csr", torch.FloatTensor | None),
+        ("logits", torch.FloatTensor | None),
+        ("cache", Cache | None),
+        ("hidden_states", tuple[torch.FloatTensor, ...] | None),
+        ("last_hidden_state", torch.FloatTensor | None),
+        ("image_embeds", torch.FloatTensor | None),
+        ("image_features", tuple[torch.FloatTensor, ...] | None),
+    ],
+)
 
 
 @dataclass
@@ -79,17 +86,75 @@ class DeemGenerateOutput(ModelOutput):
     ``sequences`` [B, T]: prompt + generated ids; every drawn image appears as ``<|startofimage|>`` followed by
     its placeholders (padding inside a row, where other rows drew an image, has ``attention_mask`` 0).
     ``attention_mask`` [B, T]. ``images``: per row, the drawn images as [3, D, D] tensors in [0, 1], in order.
+    ``scores`` / ``logits`` (with ``output_scores`` / ``output_logits``): per generated text token [B, V], the
+    processed and the raw next-token scores.
     """
 
     sequences: torch.LongTensor | None = None
     attention_mask: torch.LongTensor | None = None
     images: list[list[torch.Tensor]] | None = None
+    scores: tuple[torch.FloatTensor, ...] | None = None
+    logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class _GenerationFailed:
+    """Queue item that carries the exception which ended ``generate`` early."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 class DeemStreamer(TextIteratorStreamer):
     """Iterate over what ``generate`` produces, in order: text pieces (``str``) and, with ``soi="draw"``, each
     drawn image (``torch.Tensor`` [3,H,W] in [0,1]) as soon as it exists. Use it like ``TextIteratorStreamer``:
-    run ``generate(..., streamer=streamer)`` in a thread and iterate in another. Batch size 1."""
+    run ``generate(..., streamer=streamer)`` in a thread and iterate in another. Batch size 1.
+
+    It never waits forever: when ``generate`` fails, iterating raises that exception; when the generating thread
+    ends without closing the stream (killed, or a ``generate`` that is not DEEM's), iterating raises a
+    ``RuntimeError`` within ``poll_interval`` seconds; ``timeout`` (seconds without any new item) raises
+    ``queue.Empty`` as in ``TextIteratorStreamer``."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, poll_interval: float = 0.05, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt=skip_prompt, timeout=timeout, **decode_kwargs)
+        self.poll_interval = poll_interval
+        self._producer: threading.Thread | None = None
+
+    def attach(self):
+        """Called by ``generate`` in the thread that generates: that thread's end is watched while iterating."""
+        self._producer = threading.current_thread()
+
+    def fail(self, error: BaseException):
+        """Called by ``generate`` when it fails: the consumer gets ``error`` raised instead of waiting."""
+        self.text_queue.put(_GenerationFailed(error))
+
+    def put(self, value):
+        if self._producer is None:
+            self.attach()
+        super().put(value)
+
+    def __next__(self):
+        waited = 0.0
+        while True:
+            try:
+                value = self.text_queue.get(timeout=self.poll_interval)
+                break
+            except queue.Empty:
+                waited += self.poll_interval
+                producer = self._producer
+                if producer is not None and producer is not threading.current_thread() and not producer.is_alive():
+                    # the producer may have closed the stream just before ending: look once more
+                    try:
+                        value = self.text_queue.get_nowait()
+                        break
+                    except queue.Empty:
+                        raise RuntimeError("the generating thread ended without finishing the stream") from None
+                if self.timeout is not None and waited >= self.timeout:
+                    raise
+        if isinstance(value, _GenerationFailed):
+            raise value.error
+        if value is self.stop_signal:
+            raise StopIteration()
+        return value
 
     def put_image(self, row: int, image: torch.Tensor):
         if row != 0:
@@ -120,7 +185,7 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         vision_states: torch.Tensor | None = None,
@@ -133,9 +198,9 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            **{ATTENTION_CACHE_KW: cache},
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -165,7 +230,7 @@ class DeemTextModel(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         use_cache: bool,
         vision_states: torch.Tensor | None,
         cross_attention_mask: torch.Tensor | None,
@@ -177,8 +242,8 @@ class DeemTextModel(nn.Module):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{MASK_CACHE_KW: cache},
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         hidden_states = inputs_embeds
@@ -190,7 +255,7 @@ class DeemTextModel(nn.Module):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 vision_states=vision_states,
@@ -239,7 +304,7 @@ class DeemPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeemDecoderLayer", "DeemImageEncoder", "DeemPerceiver", "UNet2DConditionModel", "DeemUNetSideNetwork", "AutoencoderKL"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _keep_in_fp32_modules_strict = ["vae"]  # the VAE encodes in fp32 (§2.9), under fp16 and bf16 alike
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -427,6 +492,26 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         """Encode images: returns the image encoder output (``llm_embeds`` [N,Q,H], multi-scale maps, ...)."""
         return self.image_encoder(pixel_values, image_masks)
 
+    @staticmethod
+    def _rows_image_embeds(image_embeds: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor | None:
+        """Per-row image tokens [B,N_max,Q,H] -> the images ``input_ids`` holds, row-major [N,Q,H] (``None`` if none)."""
+        if image_embeds.dim() != 4 or image_embeds.shape[0] != per_row.shape[0]:
+            raise ValueError(f"image_embeds must be [batch, images per row, tokens, hidden] with batch {per_row.shape[0]}, got shape {tuple(image_embeds.shape)}")
+        if int(per_row.sum()) == 0:
+            return None
+        if int(per_row.max()) > image_embeds.shape[1]:
+            raise ValueError(f"input_ids hold up to {int(per_row.max())} image(s) per row but image_embeds has {image_embeds.shape[1]}")
+        return torch.cat([image_embeds[b, : int(n)] for b, n in enumerate(per_row.tolist())])
+
+    @staticmethod
+    def _pad_image_embeds(llm_embeds: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
+        """Row-major image tokens [N,Q,H] -> per row [B,N_max,Q,H] (zeros where a row has fewer images)."""
+        n_max = max(int(per_row.max()), 1) if per_row.numel() else 1
+        out = llm_embeds.new_zeros(per_row.shape[0], n_max, *llm_embeds.shape[1:])
+        for b, chunk in enumerate(llm_embeds.split(per_row.tolist())):
+            out[b, : chunk.shape[0]] = chunk
+        return out
+
     def _embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with placeholder rows replaced by image tokens (row-major) and ``soi_embedding``
         added at every ``<|startofimage|>`` (§1.2 step 3)."""
@@ -585,7 +670,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         num_images: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         loss_ntp_weight: float | None = None,
@@ -602,6 +687,8 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         vision_spatial_shapes: list[tuple[int, int]] | None = None,
         image_starts: torch.LongTensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> DeemOutput:
         r"""
@@ -616,17 +703,22 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         Cached decoding (what ``generate`` passes): ``inputs_embeds`` [B,L,H] instead of ``input_ids`` for the
         prompt, and the image memory computed once from the prompt's images: ``vision_states`` [B,N,S,E] with
         ``vision_spatial_shapes``, ``image_starts`` [B,N] (absolute position of each image's first placeholder,
-        -1 for none) and the new tokens' ``cross_attention_mask`` [B,L,N].
+        -1 for none) and the new tokens' ``cross_attention_mask`` [B,L,N]; ``image_embeds`` [B,N,Q,H]: each row's
+        encoded image tokens, scattered into the placeholders that ``input_ids`` holds (a cached step without
+        placeholders does not use them). ``cache`` (``past_key_values`` on transformers < 5.24): a ``Cache``.
         """
         cfg = self.config
         if input_ids is None and inputs_embeds is None:
             raise ValueError("input_ids (or inputs_embeds) are required")
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = pop_cache_kwarg(cache, past_key_values, kwargs)
+        past_len = cache.get_seq_length() if cache is not None else 0
         if input_ids is not None:
             runs, per_row = self._check_inputs(
                 input_ids, attention_mask, pixel_values, pixel_values_decoder, image_masks, num_images, labels, past_len,
-                images_encoded=pixel_values is None and vision_states is not None,
+                images_encoded=pixel_values is None and (vision_states is not None or image_embeds is not None),
             )
+            if image_embeds is not None and pixel_values is None:
+                image_embeds = self._rows_image_embeds(image_embeds, per_row)
         elif pixel_values is not None or labels is not None:
             raise ValueError("pixel_values and labels need input_ids (the placeholders say where the images go)")
         if return_loss is None:
@@ -641,7 +733,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 raise ValueError(f"training with loss_nip_weight={w_nip} / loss_csr_weight={w_csr} needs {missing}; set those weights to 0 to train text only")
             want_diffusion = False
 
-        enc = image_embeds = None
+        enc = None
+        if pixel_values is not None:
+            image_embeds = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             enc = self.image_encoder(pixel_values, image_masks)
             image_embeds = enc.llm_embeds
@@ -657,15 +751,15 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self._embed(input_ids, image_embeds)
         batch, length = inputs_embeds.shape[:2]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=cfg.text_config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=cfg.text_config)
         if position_ids is None:  # as LlamaModel: consecutive positions (RoPE makes left padding harmless)
             position_ids = torch.arange(past_len, past_len + length, device=inputs_embeds.device)[None].expand(batch, -1)
         hidden, all_hidden = self.language_model(
             inputs_embeds,
             attention_mask,
             position_ids,
-            past_key_values,
+            cache,
             bool(use_cache),
             vision_states,
             cross_attention_mask,
@@ -698,17 +792,30 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             loss_nip=loss_nip,
             loss_csr=loss_csr,
             logits=logits,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden,
             last_hidden_state=hidden,
             image_embeds=image_embeds,
             image_features=tuple(enc.multiscale_features) if enc is not None else None,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
 
     # ------------------------------------------------------------------ generation
 
+    def generate(self, *args, **kwargs):
+        """See ``_generate``. A streamer with ``fail`` (``DeemStreamer``) gets the exception if generation fails,
+        so whoever iterates it is not left waiting."""
+        streamer = kwargs.get("streamer")
+        if hasattr(streamer, "attach"):
+            streamer.attach()
+        try:
+            return self._generate(*args, **kwargs)
+        except BaseException as error:
+            if hasattr(streamer, "fail"):
+                streamer.fail(error)
+            raise
+
     @torch.no_grad()
-    def generate(
+    def _generate(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -741,7 +848,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         if pixel_values is not None and pixel_values.shape[0] > 0:
             enc = self.image_encoder(pixel_values.to(self.dtype), image_masks)
             states, shapes, starts = self._image_memory(enc, runs, per_row, input_ids.shape[0])
-            kwargs.update(inputs_embeds=self._embed(input_ids, enc.llm_embeds), vision_states=self.project_vision_states(states), vision_spatial_shapes=shapes, image_starts=starts)
+            # the image tokens travel per row (beam search / num_return_sequences expand them like every batch
+            # input); each forward scatters them into the placeholders it is given (all of them without a cache)
+            kwargs.update(image_embeds=self._pad_image_embeds(enc.llm_embeds, per_row), vision_states=self.project_vision_states(states), vision_spatial_shapes=shapes, image_starts=starts)
         suppress = [cfg.image_token_id] + ([cfg.soi_token_id] if soi == "suppress" else [])
         kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + suppress))
         if soi == "stop" and "eos_token_id" not in kwargs:
@@ -901,6 +1010,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         width: int | None = None,
         logits_processor=None,
         streamer=None,
+        use_cache: bool = True,
+        output_scores: bool = False,
+        output_logits: bool = False,
         **unused,
     ) -> DeemGenerateOutput:
         """Write text and draw images in one loop, for a batch (left padding), rows drawing at different steps.
@@ -921,6 +1033,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             raise ValueError("interleaved generation (soi='draw') supports greedy and sampling, not beam search")
         unused.pop("generation_config", None)
         unused.pop("suppress_tokens", None)
+        unused.pop("return_dict_in_generate", None)  # the interleaved output is always a DeemGenerateOutput
         if unused:
             raise TypeError(f"unexpected arguments for interleaved generation: {sorted(unused)}")
         batch, q = input_ids.shape[0], cfg.num_image_tokens
@@ -966,6 +1079,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
         pipe = self.image_pipeline() if self.has_diffusion else None
 
         cached = {}
+        seq_embeds = []  # without a cache, every step runs the whole sequence so far
 
         def step(chunk_embeds):
             key = tuple(len(m) for m in memory)  # the memory only grows: rebuild and re-project when an image is added
@@ -974,13 +1088,18 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 cached.clear()
                 cached[key] = (self.project_vision_states(vision) if vision is not None else None, shapes, starts)
             vision, shapes, starts = cached[key]
+            if not use_cache:
+                seq_embeds.append(chunk_embeds)
+                chunk_embeds = torch.cat(seq_embeds, 1)
             new = chunk_embeds.shape[1]
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
             xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None
             out = self(
-                inputs_embeds=chunk_embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                inputs_embeds=chunk_embeds, attention_mask=mask, position_ids=positions, cache=cache if use_cache else None, use_cache=use_cache,
                 vision_states=vision, vision_spatial_shapes=shapes, image_starts=starts, cross_attention_mask=xmask, return_loss=False,
             )
+            if not use_cache:
+                hidden_history.clear()
             hidden_history.append(out.last_hidden_state)
             return out.logits[:, -1].float()
 
@@ -997,12 +1116,17 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
             ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
             image_logits = step(chunk)
             logits[rows] = image_logits[rows]
+        all_scores, all_logits = [], []
         for _ in range(max_new_tokens):
+            if output_logits:
+                all_logits.append(logits.clone())
             scores = warpers(ids, logits)
             scores[:, cfg.image_token_id] = -float("inf")
             for b in range(batch):
                 if len(drawn[b]) >= max_new_images:
                     scores[b, cfg.soi_token_id] = -float("inf")
+            if output_scores:
+                all_scores.append(scores.clone())
             if do_sample:
                 probs = scores.softmax(-1)
                 token = torch.stack([torch.multinomial(probs[b], 1, generator=gens[b])[0] for b in range(batch)])
@@ -1028,7 +1152,10 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, GenerationMixin):
                 break
         if streamer is not None:
             streamer.end()
-        return DeemGenerateOutput(sequences=ids, attention_mask=mask, images=drawn)
+        return DeemGenerateOutput(
+            sequences=ids, attention_mask=mask, images=drawn,
+            scores=tuple(all_scores) if output_scores else None, logits=tuple(all_logits) if output_logits else None,
+        )
 
     def _memory_tensors(self, memory, batch, device):
         """Per-row image memory -> (vision_states [B,N,S,E], level shapes, image_starts [B,N]) or Nones."""

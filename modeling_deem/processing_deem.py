@@ -14,6 +14,7 @@ import re
 import numpy as np
 import PIL.Image
 import torch
+from transformers import AutoTokenizer, PretrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
@@ -155,9 +156,12 @@ class DeemProcessor(ProcessorMixin):
             image_processor = DeemImageProcessor.from_pretrained(
                 pretrained_model_name_or_path, subfolder=subfolder, **kwargs
             )
-        tokenizer = cls._load_tokenizer_from_pretrained(
-            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-        )
+        # the tokenizer class comes from tokenizer_config.json; handing AutoTokenizer a neutral config keeps it from
+        # reading config.json through AutoConfig, which would ask to run this very package's code as remote code
+        # and warn that a `deem` config is not a plain one
+        kwargs.pop("trust_remote_code", None)
+        kwargs.setdefault("config", PretrainedConfig())
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return [image_processor, tokenizer]
 
     # ------------------------------------------------------------------ encoding

@@ -15,8 +15,8 @@ FIXTURES = Path(os.environ.get("DEEM_FIXTURES", REPO.parent / "shared" / "fixtur
 @pytest.fixture(scope="session")
 def parity_a_dir():
     path = FIXTURES / "parity_a"
-    if not path.is_dir():
-        pytest.skip(f"parity fixture not found at {path} (set DEEM_FIXTURES)")
+    if not path.is_dir():  # a missing fixture is a failure, never a skip
+        pytest.fail(f"parity fixture not found at {path} (set DEEM_FIXTURES to the folder holding parity_a)")
     return path
 
 

@@ -285,6 +285,72 @@ def test_streamer_yields_text_and_images_in_order(model):
     torch.testing.assert_close(image, result["out"].images[0][0])
 
 
+class FailAfter:
+    """A logits processor that raises after ``n`` calls: generation dies midway."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls > self.n:
+            raise RuntimeError("generation killed on purpose")
+        return scores
+
+
+@pytest.mark.parametrize("soi", ["draw", "suppress"])
+def test_streamer_raises_when_generation_fails_midway(model, soi):
+    import threading
+    import time
+
+    from transformers import LogitsProcessorList
+
+    from deem import DeemStreamer, prepare_tokenizer
+    from tokenizer_utils import build_test_tokenizer
+
+    cfg = model.config
+    streamer = DeemStreamer(prepare_tokenizer(build_test_tokenizer()), skip_prompt=True)
+    ids = torch.tensor([_prompts(cfg, 13)[0]])
+    killer = FailAfter(3)
+    failing = LogitsProcessorList([killer])
+    errors = []
+
+    def run():
+        try:
+            extra = {"num_inference_steps": 2} if soi == "draw" else {}
+            model.generate(input_ids=ids, soi=soi, max_new_tokens=50, logits_processor=failing, streamer=streamer, **extra)
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    received = []
+    with pytest.raises(RuntimeError, match="killed on purpose"):
+        for item in streamer:
+            received.append(item)
+    thread.join(timeout=30)
+    assert time.monotonic() - start < 30
+    assert killer.calls == 4 and len(errors) == 1 and not thread.is_alive()
+
+
+def test_streamer_raises_when_the_producer_thread_dies_without_closing():
+    import threading
+    import time
+
+    from deem import DeemStreamer, prepare_tokenizer
+    from tokenizer_utils import build_test_tokenizer
+
+    streamer = DeemStreamer(prepare_tokenizer(build_test_tokenizer()), poll_interval=0.05)
+    thread = threading.Thread(target=lambda: streamer.put(torch.tensor([[5, 6]])))  # puts, then dies without end()
+    thread.start()
+    thread.join()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="ended without finishing"):
+        list(streamer)
+    assert time.monotonic() - start < 5
+
+
 def test_post_process_interleaved_puts_drawn_images_in_place():
     from PIL import Image
 

@@ -284,7 +284,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
     for checkpointing in (False, True):
         model = tiny_model(seed=4).set_training_stage(1).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             assert all(layer.gradient_checkpointing for layer in model.language_model.layers)
             assert model.unet.down_blocks[0].gradient_checkpointing
         out = model(**batch, generator=torch.Generator().manual_seed(0))

@@ -58,8 +58,12 @@ def batch(fixture):
 
 
 def report(name, ours, ref):
-    dev = (ours.double() - ref.double()).abs().max().item()
-    torch.testing.assert_close(ours, ref, **TOL, msg=lambda m: f"{name}: {m}")
+    """Assert float32 parity (``parity_close``: atol = rtol = 1e-5 per element, or 16 ulps of the tensor's scale)."""
+    from deem.conversion.convert_original import parity_close
+
+    assert ours.dtype == ref.dtype, f"{name}: dtype {ours.dtype} vs {ref.dtype}"
+    ok, dev = parity_close(ours, ref, **TOL)
+    assert ok, f"{name}: max abs deviation {dev:.3g} (shape {tuple(ours.shape)} vs {tuple(ref.shape)})"
     return dev
 
 

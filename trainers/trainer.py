@@ -600,16 +600,16 @@ def _sft_classes() -> dict:
                 args = DeemSFTConfig(output_dir="deem_sft_output")
             if not isinstance(args, DeemArgumentsMixin):
                 raise TypeError("DeemSFTTrainer needs DeemSFTConfig (stage, loss weights, optimizer groups)")
-            if isinstance(model, str):
-                from transformers import AutoModel
+            if isinstance(model, str):  # our own class loads our own checkpoints: no remote-code prompt
+                from deem import DeemForInterleavedGeneration
 
-                model = AutoModel.from_pretrained(model, trust_remote_code=args.trust_remote_code, **(args.model_init_kwargs or {}))
+                model = DeemForInterleavedGeneration.from_pretrained(model, **(args.model_init_kwargs or {}))
             if model is None:
                 raise ValueError("DeemSFTTrainer needs a model")
             if processing_class is None:
-                from transformers import AutoProcessor
+                from deem import DeemProcessor
 
-                processing_class = AutoProcessor.from_pretrained(model.config._name_or_path, trust_remote_code=args.trust_remote_code)
+                processing_class = DeemProcessor.from_pretrained(model.config._name_or_path)
             if data_collator is None:
                 data_collator = DeemConversationCollator(processing_class, max_length=args.max_length)
             if kwargs.get("peft_config") is None:
