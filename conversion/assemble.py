@@ -405,7 +405,7 @@ def _assemble(
     from deem.modeling.configuration_deem import DeemConfig
     from deem.modeling.image_processing_deem import DeemImageProcessor
     from deem.modeling.mmfs import check_unet_supported
-    from deem.modeling.modeling_deem import DeemForInterleavedGeneration
+    from deem.modeling.modeling_deem import DeemForInterleavedGeneration, current_to_legacy_keys
     from deem.modeling.processing_deem import DEEM_SPECIAL_TOKENS, DeemProcessor, prepare_tokenizer
     from transformers import AutoTokenizer
 
@@ -524,7 +524,8 @@ def _assemble(
         check_unet_supported(skeleton.unet)
     except ValueError as err:
         raise AssemblyError(f"{sd_path / 'unet' / 'config.json'}: {err}") from err
-    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    # the key tables below are written in the layout before the model split (``image_encoder.``, ``unet.``, ...)
+    shapes = {k: tuple(v.shape) for k, v in current_to_legacy_keys(skeleton.state_dict()).items()}
     unet_renames = _deprecated_attention_renames(skeleton.unet)
     vae_renames = _deprecated_attention_renames(skeleton.vae)
     del skeleton
@@ -594,7 +595,7 @@ def _assemble(
         if seed is not None:
             torch.manual_seed(seed)
         model = DeemForInterleavedGeneration(config)
-    state = model.state_dict()
+    state = current_to_legacy_keys(model.state_dict())  # views of the model's tensors, under the tables' names
     report = {"components": {}, "config": config}
     for component in components:
         loaded = component.copy_into(state)

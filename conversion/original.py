@@ -9,6 +9,8 @@ import re
 
 import torch
 
+from deem.modeling.modeling_deem import legacy_to_current_keys
+
 from .original_keys_diffusion import original_side_base_spatial_shapes, rename_cross_attention_key, rename_side_network_key
 from .original_keys_vision import rename_image_encoder_key, rename_perceiver_key
 
@@ -68,6 +70,7 @@ def convert_state_dict(original: dict[str, torch.Tensor], expected: dict[str, to
                 bad_drops.append(f"{key} (expected all zeros)")
             continue
         converted[new] = tensor
+    converted = legacy_to_current_keys(converted)  # the key names above are the layout's before the model split
     if NULL_ALIAS in original and "image_decoder.neg_prompt_embeds" in original:
         if not torch.equal(original[NULL_ALIAS], original["image_decoder.neg_prompt_embeds"]):
             bad_drops.append(f"{NULL_ALIAS} differs from image_decoder.neg_prompt_embeds (they are one parameter in the original)")

@@ -2,7 +2,15 @@
 
 from .modeling.configuration_deem import DeemConfig
 from .modeling.image_processing_deem import DeemImageProcessor
-from .modeling.modeling_deem import DeemForInterleavedGeneration, DeemGenerateOutput, DeemOutput, DeemStreamer, DiffusionDraws
+from .modeling.modeling_deem import (
+    DeemForInterleavedGeneration,
+    DeemGenerateOutput,
+    DeemImageDecoder,
+    DeemModel,
+    DeemOutput,
+    DeemStreamer,
+    DiffusionDraws,
+)
 from .modeling.processing_deem import DeemProcessor, prepare_tokenizer
 
 
@@ -18,6 +26,8 @@ __all__ = [
     "DeemConfig",
     "DeemForInterleavedGeneration",
     "DeemGenerateOutput",
+    "DeemImageDecoder",
+    "DeemModel",
     "DeemStreamer",
     "DeemImageProcessor",
     "DeemOutput",

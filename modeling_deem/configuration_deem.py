@@ -116,6 +116,26 @@ class DeemPerceiverConfig(PretrainedConfig):
     initializer_range: float = 0.02
 
 
+class DeemDecoderPerceiverConfig(DeemPerceiverConfig):
+    r"""The image decoder's resampler (§2.8): reads the LLM context (``encoder_hidden_size`` = the LLM width) into
+    ``num_queries`` tokens of the UNet's cross-attention width. Its own sub-config, so it saves and loads on its
+    own with these defaults (the 7B model's)."""
+
+    model_type = "deem_decoder_perceiver"
+    base_config_key = "decoder_perceiver_config"
+
+    num_queries: int = 77
+    hidden_size: int = 1024
+    encoder_hidden_size: int = 4096
+    num_hidden_layers: int = 1
+    num_attention_heads: int = 16
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 1
+    qk_normalization: bool = False
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+
+
 class DeemCrossAttentionConfig(PretrainedConfig):
     r"""Gated multi-image multi-scale deformable cross-attention (MMFS) inserted in LLM layers
     ``i % frequency == 0`` (§2.5, §2.6). ``feature_levels``: which encoder maps feed it (c3, c4, c5);
@@ -206,21 +226,7 @@ class DeemConfig(PretrainedConfig):
         "perceiver_config": DeemPerceiverConfig,
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", init_kwargs=VICUNA_7B),
         "cross_attention_config": DeemCrossAttentionConfig,
-        "decoder_perceiver_config": SubConfigSpec(
-            config_class=DeemPerceiverConfig,
-            init_kwargs={
-                "num_queries": 77,
-                "hidden_size": 1024,
-                "encoder_hidden_size": 4096,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 16,
-                "intermediate_size": 3072,
-                "cross_attention_frequency": 1,
-                "qk_normalization": False,
-                "hidden_dropout_prob": 0.0,
-                "attention_probs_dropout_prob": 0.0,
-            },
-        ),
+        "decoder_perceiver_config": DeemDecoderPerceiverConfig,
         "diffusion_config": SubConfigSpec(config_class=DeemDiffusionConfig, optional=True),
     }
 
@@ -336,4 +342,4 @@ class DeemConfig(PretrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["DeemConfig", "DeemVisionConfig", "DeemPerceiverConfig", "DeemCrossAttentionConfig", "DeemDiffusionConfig"]
+__all__ = ["DeemConfig", "DeemVisionConfig", "DeemPerceiverConfig", "DeemDecoderPerceiverConfig", "DeemCrossAttentionConfig", "DeemDiffusionConfig"]

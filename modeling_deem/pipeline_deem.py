@@ -58,7 +58,7 @@ def _onload(module: nn.Module) -> None:
 class DeemImageConditioner(nn.Module):
     r"""The modules that turn LLM context into the UNet condition, held by reference (never copied).
 
-    ``context_proj``: Linear(H, H) applied to the reversed LLM context (used by the model's ``_context_features``);
+    ``context_proj``: Linear(H, H) applied to the reversed LLM context (used by the image decoder's ``context_features``);
     ``decoder_perceiver``: reads that context into ``num_queries`` x ``cross_attention_dim`` tokens;
     ``null_condition``: the learned [1, Q, D] unconditional embedding (negative condition of CFG, §5.2).
     Grouping them gives the pipeline one component to place, cast and offload for the whole context -> condition
@@ -86,7 +86,7 @@ class DeemImageConditioner(nn.Module):
 
     def forward(self, context_features: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """context_features [N, L, H] (reversed, projected and positioned LLM context, as made by the model's
-        ``_context_features``); context_mask [N, L] (1 = valid) -> condition [N, Q, D]. Without context: the
+        ``image_decoder.context_features``); context_mask [N, L] (1 = valid) -> condition [N, Q, D]. Without context: the
         learned null condition [1, Q, D] (read through ``forward`` so that offload hooks place it)."""
         if context_features is None:
             return self.null_condition
@@ -394,7 +394,7 @@ class DeemImagePipeline(DiffusionPipeline):
         Args:
             prompt_embeds (`torch.Tensor` [N, Q, D]): the UNet condition (decoder perceiver output).
             context_features (`torch.Tensor` [N, L, H]): instead of ``prompt_embeds``, the reversed, projected and
-                positioned LLM context (the model's ``_context_features``); the pipeline runs the decoder perceiver.
+                positioned LLM context (the image decoder's ``context_features``); the pipeline runs the decoder perceiver.
             context_mask (`torch.Tensor` [N, L]): 1 for valid context positions (default all).
             side_features (list of 4 `torch.Tensor`): the previous image's multi-scale maps, [N, E, h, w] each (or
                 [N, n_img, E, h, w]); ``None``: zeros with mask 0 (first image of a document).

@@ -391,8 +391,8 @@ def test_cli_writes_the_model(components, tmp_path, capsys):
     weights = {}
     for shard in out.glob("*.safetensors"):
         weights.update(load_file(shard))
-    assert weights["language_model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert weights["vae.encoder.conv_in.weight"].dtype == torch.float32  # the VAE stays fp32
+    assert weights["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert weights["image_decoder.vae.encoder.conv_in.weight"].dtype == torch.float32  # the VAE stays fp32
     with pytest.raises(SystemExit):
         main(["--llm", str(components["llm"]), "--sd", str(components["sd"]), "--clip", str(components["clip"]), "--out", str(out)])
 

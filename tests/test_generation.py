@@ -20,7 +20,7 @@ def plain_llama(model):
     text["vocab_size"] = cfg.original_vocab_size
     text.pop("architectures", None)
     llama = LlamaForCausalLM(LlamaConfig(**text)).eval()
-    state = {k[len("language_model.") :]: v for k, v in model.state_dict().items() if k.startswith("language_model.") and ".cross_attn." not in k}
+    state = {k: v for k, v in model.language_model.state_dict().items() if ".cross_attn." not in k}
     state["embed_tokens.weight"] = state["embed_tokens.weight"][: cfg.original_vocab_size]
     missing, unexpected = llama.model.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
@@ -232,7 +232,7 @@ def test_test_time_adaptation_restores_weights_bitwise(model):
         plain = model(input_ids=ids, pixel_values=pix, return_loss=False).logits
     with model.test_time_adaptation(pix, dec, steps=2, lr=1e-2, samples=2):
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
-        assert changed and all(k.startswith("image_encoder.") for k in changed)
+        assert changed and all(k.startswith("model.image_encoder.") for k in changed)
         with torch.no_grad():
             adapted = model(input_ids=ids, pixel_values=pix, return_loss=False).logits
     assert not torch.allclose(plain, adapted)
@@ -253,7 +253,7 @@ def test_generate_images_equals_the_standalone_pipeline(model):
         hidden = model(input_ids=with_soi, return_loss=False).last_hidden_state
         n = with_soi.shape[1]
         zero = torch.zeros(1, dtype=torch.long)
-        ctx, ctx_mask = model._context_features(hidden, zero, torch.tensor([n - 1]), zero)
+        ctx, ctx_mask = model.image_decoder.context_features(hidden, zero, torch.tensor([n - 1]), zero)
         pipe = model.image_pipeline()
         assert pipe.unet is model.unet and pipe.vae is model.vae
         standalone = pipe(context_features=ctx, context_mask=ctx_mask, generator=[torch.Generator().manual_seed(7)], output_type="pt", **kw).images[0]
@@ -384,11 +384,13 @@ def test_projected_vision_states_give_the_same_logits(model):
         from deem.modeling.modeling_deem import _image_runs
 
         runs = _image_runs(batch["input_ids"], cfg.image_token_id)
-        states, shapes, starts = model._image_memory(enc, runs, batch["num_images"], 2)
-        embeds = model._embed(batch["input_ids"], enc.llm_embeds)
+        states, shapes, starts = model.model.image_memory(enc, runs, batch["num_images"], 2)
+        from deem.modeling.sequence_deem import pad_per_row
+
+        per_row_tokens = pad_per_row(enc.llm_embeds, batch["num_images"])  # [B, N, Q, H]
         projected = model.project_vision_states(states)
         assert projected.shape[:2] == (2, len(range(0, cfg.text_config.num_hidden_layers, cfg.cross_attention_config.frequency)))
-        again = model(input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"], vision_states=projected, vision_spatial_shapes=shapes, image_starts=starts, return_loss=False)
+        again = model(input_ids=batch["input_ids"], image_embeds=per_row_tokens, attention_mask=batch["attention_mask"], vision_states=projected, vision_spatial_shapes=shapes, image_starts=starts, return_loss=False)
     torch.testing.assert_close(again.logits, full.logits, atol=1e-5, rtol=1e-5)
 
 

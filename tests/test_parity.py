@@ -187,6 +187,8 @@ def test_greedy_generation_is_token_identical(fixture, converted, prefix, ids_ke
             input_ids=ids, attention_mask=mask, pixel_values=inp["image_tensors"], image_masks=inp["image_tensors_mask"],
             num_images=inp["num_image_per_seq"], max_new_tokens=8, min_new_tokens=7, do_sample=False,
             pad_token_id=31999, return_dict_in_generate=True, output_logits=True,
+            # the right-padded batch: decode after the padding as the original does (the default left-aligns)
+            right_padding="continue",
         )
     new = out.sequences[:, ids.shape[1] :]
     assert torch.equal(new, gen[f"{prefix}.output_ids"][:, 1:]), (new, gen[f"{prefix}.output_ids"])

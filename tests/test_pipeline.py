@@ -252,7 +252,7 @@ def test_context_features_path_equals_prompt_embeds_after_the_perceiver(model, p
     hidden = torch.randn(2, 9, model.config.text_config.hidden_size, generator=g)
     image_rows, soi_pos, starts = torch.tensor([0, 1]), torch.tensor([6, 3]), torch.tensor([0, 0])
     with torch.no_grad():
-        ctx, ctx_mask = model._context_features(hidden, image_rows, soi_pos, starts)
+        ctx, ctx_mask = model.image_decoder.context_features(hidden, image_rows, soi_pos, starts)
         assert ctx_mask.sum(1).tolist() == [7, 4]
         pe = model.decoder_perceiver(ctx, ctx_mask)
     kw = dict(num_inference_steps=STEPS, output_type="pt", guidance_scale=3.5)

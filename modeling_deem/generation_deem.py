@@ -1,0 +1,533 @@
+"""Generation for DEEM: text on the stock ``GenerationMixin`` (the prompt's images encoded once, their
+cross-attention memory reused at every step), interleaved text and images (``soi="draw"``), option scoring,
+text-to-image, and a streamer of text pieces and images.
+
+This file must not import ``modeling_deem`` (``modeling_deem`` imports it).
+"""
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.cache_utils import DynamicCache
+from transformers.utils import ModelOutput
+
+from .sequence_deem import check_sequence_inputs, cross_attention_visibility, left_align, pad_per_row as _pad_per_row
+
+
+@dataclass
+class DeemGenerateOutput(GenerateDecoderOnlyOutput):
+    """Output of interleaved generation (``generate(soi="draw")``): transformers' ``GenerateDecoderOnlyOutput``
+    (``sequences``, and ``scores`` / ``logits`` with ``output_scores`` / ``output_logits``) plus the images.
+
+    ``sequences`` [B, T]: prompt + generated ids; every drawn image appears as ``<|startofimage|>`` followed by
+    its placeholders (padding inside a row, where other rows drew an image, has ``attention_mask`` 0).
+    ``attention_mask`` [B, T]. ``images``: per row, the drawn images as [3, D, D] tensors in [0, 1], in order.
+    Draw mode always returns this object (the images cannot travel in a tensor), with or without
+    ``return_dict_in_generate``.
+    """
+
+    attention_mask: torch.LongTensor | None = None
+    images: list[list[torch.Tensor]] | None = None
+
+
+class _GenerationFailed:
+    """Queue item that carries the exception which ended ``generate`` early."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class DeemStreamer(TextIteratorStreamer):
+    """Iterate over what ``generate`` produces, in order: text pieces (``str``) and, with ``soi="draw"``, each
+    drawn image (``torch.Tensor`` [3,H,W] in [0,1]) as soon as it exists. Use it like ``TextIteratorStreamer``:
+    run ``generate(..., streamer=streamer)`` in a thread and iterate in another. Batch size 1.
+
+    It never waits forever: when ``generate`` fails, iterating raises that exception; when the generating thread
+    ends without closing the stream (killed, or a ``generate`` that is not DEEM's), iterating raises a
+    ``RuntimeError`` within ``poll_interval`` seconds; ``timeout`` (seconds without any new item) raises
+    ``queue.Empty`` as in ``TextIteratorStreamer``."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, poll_interval: float = 0.05, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt=skip_prompt, timeout=timeout, **decode_kwargs)
+        self.poll_interval = poll_interval
+        self._producer: threading.Thread | None = None
+
+    def attach(self):
+        """Called by ``generate`` in the thread that generates: that thread's end is watched while iterating."""
+        self._producer = threading.current_thread()
+
+    def fail(self, error: BaseException):
+        """Called by ``generate`` when it fails: the consumer gets ``error`` raised instead of waiting."""
+        self.text_queue.put(_GenerationFailed(error))
+
+    def put(self, value):
+        if self._producer is None:
+            self.attach()
+        super().put(value)
+
+    def __next__(self):
+        waited = 0.0
+        while True:
+            try:
+                value = self.text_queue.get(timeout=self.poll_interval)
+                break
+            except queue.Empty:
+                waited += self.poll_interval
+                producer = self._producer
+                if producer is not None and producer is not threading.current_thread() and not producer.is_alive():
+                    # the producer may have closed the stream just before ending: look once more
+                    try:
+                        value = self.text_queue.get_nowait()
+                        break
+                    except queue.Empty:
+                        raise RuntimeError("the generating thread ended without finishing the stream") from None
+                if self.timeout is not None and waited >= self.timeout:
+                    raise
+        if isinstance(value, _GenerationFailed):
+            raise value.error
+        if value is self.stop_signal:
+            raise StopIteration()
+        return value
+
+    def put_image(self, row: int, image: torch.Tensor):
+        if row != 0:
+            raise ValueError("DeemStreamer streams one row (batch size 1)")
+        if self.token_cache:  # flush the text that precedes the image
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            self.on_finalized_text(text[self.print_len :])
+            self.token_cache, self.print_len = [], 0
+        self.text_queue.put(image.detach().float().cpu(), timeout=self.timeout)
+
+
+class DeemGenerationMixin(GenerationMixin):
+    """What ``DeemForInterleavedGeneration`` generates with; it reads ``self.model`` (``DeemModel``),
+    ``self.image_decoder`` (``DeemImageDecoder``) and ``self.config``."""
+
+
+    def generate(self, *args, **kwargs):
+        """See ``_generate``. A streamer with ``fail`` (``DeemStreamer``) gets the exception if generation fails,
+        so whoever iterates it is not left waiting."""
+        streamer = kwargs.get("streamer")
+        if hasattr(streamer, "attach"):
+            streamer.attach()
+        try:
+            return self._generate(*args, **kwargs)
+        except BaseException as error:
+            if hasattr(streamer, "fail"):
+                streamer.fail(error)
+            raise
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_masks: torch.FloatTensor | None = None,
+        num_images: torch.LongTensor | None = None,
+        pixel_values_decoder: torch.FloatTensor | None = None,
+        soi: str = "stop",
+        right_padding: str = "left_align",
+        **kwargs,
+    ):
+        """Text generation with the stock ``GenerationMixin`` (greedy, sampling, beam search, ``GenerationConfig``,
+        ``Cache`` objects). The prompt's images are encoded once; their cross-attention memory is reused at every
+        step. ``soi``: what ``<|startofimage|>`` does — ``"stop"`` (ends the row, like the original's
+        ``generate_texts``), ``"suppress"`` (never generated) or ``"draw"``: interleaved generation, where a row
+        that emits it gets an image drawn by the diffusion decoder from its context, encoded and appended, and
+        goes on writing (see ``_generate_interleaved``). Image placeholders are never generated.
+        ``pixel_values_decoder`` is accepted (processor output) and unused here.
+
+        Prompts padded on the right (what training collators produce) are left-aligned first, so every row
+        continues exactly as it would alone (``right_padding="left_align"``, the default). ``right_padding=
+        "continue"`` decodes after the padding instead, as the original's ``generate_texts`` does on a right-padded
+        batch (its first new token is then read at a pad position); it exists to reproduce the original."""
+        cfg = self.config
+        if soi not in ("stop", "suppress", "draw"):
+            raise ValueError(f"soi must be 'draw', 'stop' or 'suppress', got {soi!r}")
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is None:
+                raise ValueError("generate needs input_ids (use the processor) or, for a text-only prompt, inputs_embeds")
+            if soi == "draw" or pixel_values is not None:
+                raise ValueError("a prompt given as inputs_embeds is text only: pass input_ids for images or soi='draw'")
+            self._text_mode_kwargs(kwargs, soi)
+            return super().generate(attention_mask=attention_mask, **kwargs)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("give input_ids or inputs_embeds, not both (the image placeholders are read from input_ids)")
+        if right_padding not in ("left_align", "continue"):
+            raise ValueError(f"right_padding must be 'left_align' or 'continue', got {right_padding!r}")
+        if right_padding == "left_align":
+            input_ids, attention_mask = left_align(input_ids, attention_mask, self.config.pad_token_id)
+        max_new = kwargs.get("max_new_tokens") or (kwargs.get("generation_config") or self.generation_config).max_new_tokens
+        limit = cfg.text_config.max_position_embeddings
+        if max_new is not None and input_ids.shape[1] + max_new > limit:
+            raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new} exceeds the model's maximum of {limit} tokens")
+        runs, per_row = check_sequence_inputs(self.config, input_ids, attention_mask, pixel_values, image_masks, num_images)
+        if soi == "draw":
+            return self._generate_interleaved(input_ids, attention_mask, pixel_values, image_masks, runs, per_row, **kwargs)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            enc = self.model.image_encoder(pixel_values.to(self.dtype), image_masks)
+            states, shapes, starts = self.model.image_memory(enc, runs, per_row, input_ids.shape[0])
+            # the image tokens travel per row (beam search / num_return_sequences expand them like every batch
+            # input); each forward scatters them into the placeholders it is given (all of them without a cache)
+            kwargs.update(image_embeds=_pad_per_row(enc.llm_embeds, per_row), vision_states=self.model.project_vision_states(states), vision_spatial_shapes=shapes, image_starts=starts)
+        self._text_mode_kwargs(kwargs, soi)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _text_mode_kwargs(self, kwargs: dict, soi: str):
+        """Image placeholders are never generated; ``<|startofimage|>`` is suppressed or ends the row."""
+        cfg = self.config
+        suppress = [cfg.image_token_id] + ([cfg.soi_token_id] if soi == "suppress" else [])
+        kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + suppress))
+        if soi == "stop" and "eos_token_id" not in kwargs:
+            eos = (kwargs.get("generation_config") or self.generation_config).eos_token_id
+            eos = list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id]
+            kwargs["eos_token_id"] = eos + [cfg.soi_token_id]
+
+    @torch.no_grad()
+    def score_options(self, input_ids, options, attention_mask=None, pixel_values=None, image_masks=None, num_images=None):
+        """Log-likelihood of each answer option after each prompt (how yes/no and multiple-choice benchmarks are
+        scored, §5.3). ``input_ids`` [B,L] left-padded prompts (with their images); ``options``: token-id lists
+        (without ``<s>``), the same for every row. Returns [B, num_options]: the summed log-probabilities of the
+        option tokens. Every image is encoded once per row (the original encoded only a mini-batch's first, B18)."""
+        cfg = self.config
+        batch, n_opt = input_ids.shape[0], len(options)
+        width = max(len(o) for o in options)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = left_align(input_ids, attention_mask, cfg.pad_token_id)
+        rows, masks, targets = [], [], []
+        for b in range(batch):
+            for opt in options:
+                ids = torch.tensor(list(opt) + [cfg.pad_token_id] * (width - len(opt)), device=input_ids.device)
+                rows.append(torch.cat([input_ids[b], ids]))
+                masks.append(torch.cat([attention_mask[b], (torch.arange(width, device=ids.device) < len(opt)).long()]))
+                targets.append(len(opt))
+        ids, mask = torch.stack(rows), torch.stack(masks)
+        pixels = image_masks_rep = counts = None
+        if pixel_values is not None:
+            _, per_row = check_sequence_inputs(self.config, input_ids, attention_mask, pixel_values, image_masks, num_images)
+            groups = list(pixel_values.split(per_row.tolist()))
+            pixels = torch.cat([g for g in groups for _ in range(n_opt)])
+            if image_masks is not None:
+                mgroups = list(image_masks.split(per_row.tolist()))
+                image_masks_rep = torch.cat([g for g in mgroups for _ in range(n_opt)])
+            counts = per_row.repeat_interleave(n_opt)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_masks=image_masks_rep, num_images=counts, position_ids=position_ids, return_loss=False).logits
+        logprobs = logits[:, input_ids.shape[1] - 1 : -1].float().log_softmax(-1)
+        option_ids = ids[:, input_ids.shape[1] :]
+        picked = logprobs.gather(-1, option_ids[..., None]).squeeze(-1)
+        valid = torch.arange(width, device=ids.device)[None] < torch.tensor(targets, device=ids.device)[:, None]
+        return (picked * valid).sum(-1).view(batch, n_opt)
+
+    @torch.no_grad()
+    def generate_images(self, input_ids, attention_mask=None, pixel_values=None, image_masks=None, num_images=None, **kwargs):
+        """Text-to-image (and image-conditioned image generation): each prompt row gets ``<|startofimage|>``
+        appended and one image drawn from its context. Left-padded prompts; ``kwargs`` as in interleaved
+        ``generate`` (``num_inference_steps``, ``guidance_scale``, ``generator``, ...). Returns a list of
+        [3,D,D] tensors in [0,1], one per row."""
+        cfg = self.config
+        soi = torch.full((input_ids.shape[0], 1), cfg.soi_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        ids = torch.cat([input_ids, soi], 1)
+        mask = torch.cat([attention_mask if attention_mask is not None else torch.ones_like(input_ids), torch.ones_like(soi)], 1)
+        kwargs.setdefault("max_new_tokens", 0)
+        out = self.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_masks=image_masks, num_images=num_images, soi="draw", **kwargs)
+        return [row[0] for row in out.images]
+
+    def image_pipeline(self, scheduler=None):
+        """A [`DeemImagePipeline`] over this model's own UNet, VAE, side network and conditioning modules."""
+        from .pipeline_deem import DeemImagePipeline
+
+        return DeemImagePipeline.from_model(self, scheduler=scheduler)
+
+    @torch.no_grad()
+    def _generate_interleaved(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_masks,
+        runs,
+        per_row,
+        max_new_images: int = 4,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.5,
+        height: int | None = None,
+        width: int | None = None,
+        logits_processor=None,
+        stopping_criteria=None,
+        streamer=None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs,
+    ) -> DeemGenerateOutput:
+        """Write text and draw images in one loop, for a batch (left padding), rows drawing at different steps.
+
+        When a row emits ``<|startofimage|>``: its context (nearest ``<s>`` .. soi, §2.8) conditions the diffusion
+        pipeline (previous image of the document as side features), the new image is encoded like an input image
+        and its ``num_image_tokens`` embeddings are fed to that row (other rows get masked padding in that step),
+        then decoding goes on. ``generator``: one per row (a list) makes each row independent of the others; a
+        single generator drives the whole batch. ``max_new_images`` per row; then ``<|startofimage|>`` is
+        suppressed for that row. ``height`` / ``width``: size of the drawn images (default the decoder
+        resolution; they are resized to the encoder's to be read back). ``streamer``: ``put(ids)`` /
+        ``put_image(row, image)`` / ``end()``.
+
+        Decoding settings resolve as in ``GenerationMixin.generate``: ``generation_config`` (default the model's)
+        updated by the keyword arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ``repetition_penalty``, ``min_new_tokens``, ``eos_token_id``, ``num_return_sequences``,
+        ``use_cache``, ``output_scores``, ``output_logits``, ...); the logits processors and stopping criteria are
+        the library's own for that config, after the user's ``logits_processor`` / ``stopping_criteria``.
+        ``max_new_tokens`` counts text tokens (image placeholders are not counted)."""
+        cfg = self.config
+        kwargs.pop("suppress_tokens", None)  # handled here: placeholders always, <|startofimage|> per row
+        kwargs.pop("return_dict_in_generate", None)  # the interleaved output is always a DeemGenerateOutput
+        # the library's own resolution: call kwargs > generation_config > the model's > global defaults
+        max_new_tokens = kwargs.pop("max_new_tokens", None)  # 0 is valid here (generate_images draws at once)
+        generation_config, unknown = self._prepare_generation_config(generation_config, **kwargs)
+        if unknown:
+            raise TypeError(f"unexpected arguments for interleaved generation (soi='draw'): {sorted(unknown)}")
+        if generation_config.num_beams != 1:
+            raise ValueError("interleaved generation (soi='draw') supports greedy decoding and sampling, not beam search: pass soi='stop' or 'suppress' for beams")
+        if max_new_tokens is None:
+            max_new_tokens = generation_config.max_new_tokens if generation_config.max_new_tokens is not None else 64
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        do_sample, use_cache = bool(generation_config.do_sample), generation_config.use_cache is not False
+        output_scores, output_logits = bool(generation_config.output_scores), bool(generation_config.output_logits)
+        repeat = generation_config.num_return_sequences or 1
+        if repeat > 1:
+            input_ids, attention_mask, pixel_values, image_masks, per_row = _repeat_rows(input_ids, attention_mask, pixel_values, image_masks, per_row, repeat)
+            runs = check_sequence_inputs(cfg, input_ids, attention_mask, pixel_values, image_masks)[0]
+        batch, q = input_ids.shape[0], cfg.num_image_tokens
+        limit = cfg.text_config.max_position_embeddings
+        worst = input_ids.shape[1] + max_new_tokens + max_new_images * q
+        if worst > limit:
+            raise ValueError(f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} + {max_new_images} image(s) x {q} tokens = {worst} exceeds the model's maximum of {limit} tokens")
+        capacity = cfg.cross_attention_config.max_num_images
+        most = int(per_row.max()) if per_row.numel() else 0
+        if most + max_new_images > capacity:
+            raise ValueError(f"a row may hold at most {capacity} images (cross_attention_config.max_num_images): {most} in the prompt + max_new_images {max_new_images} is too many")
+        eos = generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id])
+        pad = cfg.pad_token_id if generation_config.pad_token_id is None else generation_config.pad_token_id
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * batch
+        if len(gens) != batch:
+            raise ValueError(f"got {len(gens)} generators for {batch} rows (num_return_sequences={repeat} counts)")
+        # the library's processors and criteria for this config; lengths are the model's limit (we count text tokens)
+        generation_config.max_length = limit
+        generation_config.max_new_tokens = None
+        self._prepare_special_tokens(generation_config, True, device=input_ids.device)
+        warpers = self._get_logits_processor(
+            generation_config=generation_config, input_ids_seq_length=input_ids.shape[1], logits_processor=LogitsProcessorList(list(logits_processor or [])),
+            device=input_ids.device, model_kwargs={"attention_mask": attention_mask},
+        )
+        criteria = self._get_stopping_criteria(generation_config=generation_config, stopping_criteria=StoppingCriteriaList(list(stopping_criteria or [])))
+        device = input_ids.device
+        ids = input_ids.clone()
+        mask = attention_mask.clone() if attention_mask is not None else torch.ones_like(ids)
+
+        # per-row image memory: (first placeholder position, the four maps) of every image so far
+        memory: list[list[tuple[int, list[torch.Tensor]]]] = [[] for _ in range(batch)]
+        embeds = self.model.language_model.embed_tokens(ids)
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            enc = self.model.image_encoder(pixel_values.to(self.dtype), image_masks)
+            embeds = self.model.embed(ids, enc.llm_embeds)
+            for i, (b, start, _) in enumerate(runs):
+                memory[b].append((start, [m[i] for m in enc.multiscale_features]))
+        else:
+            embeds = self.model.embed(ids, None)
+        drawn: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        cache = DynamicCache(config=cfg.text_config)
+        hidden_history = []
+        pipe = self.image_pipeline() if self.has_diffusion else None
+
+        cached = {}
+        seq_embeds = []  # without a cache, every step runs the whole sequence so far
+
+        def step(chunk_embeds):
+            key = tuple(len(m) for m in memory)  # the memory only grows: rebuild and re-project when an image is added
+            if key not in cached:
+                vision, shapes, starts = self._memory_tensors(memory, batch, device)
+                cached.clear()
+                cached[key] = (self.model.project_vision_states(vision) if vision is not None else None, shapes, starts)
+            vision, shapes, starts = cached[key]
+            if not use_cache:
+                seq_embeds.append(chunk_embeds)
+                chunk_embeds = torch.cat(seq_embeds, 1)
+            new = chunk_embeds.shape[1]
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
+            xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None
+            out = self(
+                inputs_embeds=chunk_embeds, attention_mask=mask, position_ids=positions, cache=cache if use_cache else None, use_cache=use_cache,
+                vision_states=vision, vision_spatial_shapes=shapes, image_starts=starts, cross_attention_mask=xmask, return_loss=False,
+            )
+            if not use_cache:
+                hidden_history.clear()
+            hidden_history.append(out.last_hidden_state)
+            return out.logits[:, -1].float()
+
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        logits = step(embeds)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        pending = (ids[:, -1] == cfg.soi_token_id) & (mask[:, -1] == 1)  # a prompt that ends in <|startofimage|>
+        if bool(pending.any()):
+            if pipe is None:
+                raise ValueError("the prompt asks for an image (<|startofimage|>) but the model has no diffusion weights")
+            rows = pending.nonzero().squeeze(1)
+            chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, (num_inference_steps, guidance_scale, height, width), streamer)
+            ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
+            image_logits = step(chunk)
+            logits[rows] = image_logits[rows]
+        all_scores, all_logits = [], []
+        for _ in range(max_new_tokens):
+            if output_logits:
+                all_logits.append(logits.clone())
+            scores = warpers(ids, logits)
+            scores[:, cfg.image_token_id] = -float("inf")
+            for b in range(batch):
+                if len(drawn[b]) >= max_new_images:
+                    scores[b, cfg.soi_token_id] = -float("inf")
+            if output_scores:
+                all_scores.append(scores.clone())
+            if do_sample:
+                probs = scores.softmax(-1)
+                token = torch.stack([torch.multinomial(probs[b], 1, generator=gens[b])[0] for b in range(batch)])
+            else:
+                token = scores.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, (~finished).long()[:, None]], 1)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            finished |= torch.tensor([int(t) in eos for t in token.tolist()], device=device)
+            if len(criteria):
+                finished |= criteria(ids, scores).to(device)
+            logits = step(self.model.embed(token[:, None], None))
+            draw = (token == cfg.soi_token_id) & ~finished
+            if bool(draw.any()):
+                if pipe is None:
+                    raise ValueError("the model emitted <|startofimage|> but has no diffusion weights; use soi='stop' or 'suppress' for text only")
+                rows = draw.nonzero().squeeze(1)
+                chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, (num_inference_steps, guidance_scale, height, width), streamer)
+                ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
+                image_logits = step(chunk)
+                logits[rows] = image_logits[rows]
+            if bool(finished.all()):
+                break
+        if streamer is not None:
+            streamer.end()
+        return DeemGenerateOutput(
+            sequences=ids,
+            attention_mask=mask,
+            images=drawn,
+            scores=tuple(all_scores) if output_scores else None, logits=tuple(all_logits) if output_logits else None,
+        )
+
+    def _memory_tensors(self, memory, batch, device):
+        """Per-row image memory -> (vision_states [B,N,S,E], level shapes, image_starts [B,N]) or Nones."""
+        n_max = max(len(m) for m in memory)
+        if n_max == 0:
+            return None, None, None
+        levels = self.config.cross_attention_config.feature_levels
+        first = next(m for m in memory if m)[0][1]
+        shapes = [tuple(first[level].shape[-2:]) for level in levels]
+        flat = lambda maps: torch.cat([maps[level].flatten(1).transpose(0, 1) for level in levels], 0)  # noqa: E731
+        s, e = flat(first).shape
+        states = torch.zeros(batch, n_max, s, e, device=device, dtype=first[0].dtype)
+        starts = torch.full((batch, n_max), -1, dtype=torch.long, device=device)
+        for b, images in enumerate(memory):
+            for n, (start, maps) in enumerate(images):
+                states[b, n] = flat(maps)
+                starts[b, n] = start
+        return states, shapes, starts
+
+    def _draw_images(self, pipe, rows, ids, mask, memory, drawn, hidden, gens, sampling, streamer):
+        """Draw one image for each row in ``rows`` (which just fed ``<|startofimage|>``): condition on its context,
+        sample with the previous image of the document as side features, encode the result. Appends to ``memory``
+        and ``drawn``; returns the next chunk: embeddings [B,Q,H], ids [B,Q] and attention mask [B,Q] (masked
+        padding for the other rows)."""
+        cfg = self.config
+        device = ids.device
+        pos = torch.arange(ids.shape[1], device=device)
+        conds, sides, side_masks = [], [], []
+        for b in rows.tolist():
+            bos = int(torch.where(ids[b] == cfg.bos_token_id, pos, torch.full_like(pos, -1)).max())
+            start = max(bos, int(mask[b].argmax()))
+            keep = (mask[b, start:] == 1).nonzero().squeeze(1) + start  # skip padding from other rows' images
+            n = keep.shape[0]
+            zero = torch.zeros(1, dtype=torch.long, device=device)
+            ctx, ctx_mask = self.image_decoder.context_features(hidden[b, keep][None], zero, torch.tensor([n - 1], device=device), zero)
+            conds.append(self.image_decoder.decoder_perceiver(ctx, ctx_mask))
+            previous = [maps for first, maps in memory[b] if first > start]
+            if previous:
+                sides.append(previous[-1])
+                side_masks.append(1.0)
+            else:
+                sides.append([torch.zeros_like(m) for m in self._map_templates(memory, device)])
+                side_masks.append(0.0)
+        cond = torch.cat(conds)
+        side = [torch.stack([maps[level] for maps in sides]) for level in range(4)]
+        side_mask = torch.tensor(side_masks, device=device, dtype=cond.dtype)
+        gen = [gens[b] for b in rows.tolist()] if gens[0] is not None else None
+        steps, guidance, height, width = sampling
+        pictures = pipe(
+            prompt_embeds=cond, side_features=side, side_mask=side_mask, num_inference_steps=steps, guidance_scale=guidance,
+            height=height, width=width, generator=gen, output_type="pt",
+        ).images
+        size = cfg.vision_config.image_size
+        view = F.interpolate(pictures.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        enc = self.model.image_encoder(view.to(self.dtype), None)
+        q = cfg.num_image_tokens
+        chunk = torch.zeros(ids.shape[0], q, enc.llm_embeds.shape[-1], device=device, dtype=enc.llm_embeds.dtype)
+        chunk[rows] = enc.llm_embeds
+        fill = torch.full((ids.shape[0], q), cfg.pad_token_id, dtype=ids.dtype, device=device)
+        fill[rows] = cfg.image_token_id
+        chunk_mask = torch.zeros(ids.shape[0], q, dtype=mask.dtype, device=device)
+        chunk_mask[rows] = 1
+        for i, b in enumerate(rows.tolist()):
+            memory[b].append((ids.shape[1], [m[i] for m in enc.multiscale_features]))
+            drawn[b].append(pictures[i].float().cpu())
+            if streamer is not None and hasattr(streamer, "put_image"):
+                streamer.put_image(b, pictures[i])
+        return chunk, fill, chunk_mask
+
+    def _map_templates(self, memory, device):
+        """Four zero maps [E,h,w] of the encoder's multi-scale shapes (for a document without a previous image)."""
+        for images in memory:
+            if images:
+                return images[0][1]
+        side, e = self.config.vision_config.image_size, self.config.image_embed_dim
+        return [torch.zeros(e, side // 2 ** (level + 2), side // 2 ** (level + 2), device=device, dtype=self.dtype) for level in range(4)]
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs)
+        new = inputs["inputs_embeds"].shape[1] if inputs.get("inputs_embeds") is not None else inputs["input_ids"].shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            # positions count real tokens, so right-padded prompts continue correctly (as the original's cascade
+            # wrapper does); the stock update only adds 1 to the last prompt position.
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            inputs["position_ids"] = positions[:, -new:]
+        if vision_states is not None:
+            # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
+            inputs["cross_attention_mask"] = cross_attention_visibility(input_ids, image_starts, self.config.bos_token_id)[:, -new:]
+        return inputs
+
+
+def _repeat_rows(input_ids, attention_mask, pixel_values, image_masks, per_row, repeat: int):
+    """Each row (and its images) ``repeat`` times in a row, as ``num_return_sequences`` does."""
+    input_ids = input_ids.repeat_interleave(repeat, 0)
+    attention_mask = attention_mask.repeat_interleave(repeat, 0) if attention_mask is not None else None
+    counts = per_row.tolist()
+    if pixel_values is not None:
+        pixel_values = torch.cat([g for g in pixel_values.split(counts) for _ in range(repeat)])
+    if image_masks is not None:
+        image_masks = torch.cat([g for g in image_masks.split(counts) for _ in range(repeat)])
+    return input_ids, attention_mask, pixel_values, image_masks, per_row.repeat_interleave(repeat)

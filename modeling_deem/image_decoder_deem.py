@@ -1,0 +1,182 @@
+"""What the paper calls the image decoder (reference §2.8-§2.9, §4.2-§4.3): the context projection and decoder
+perceiver that turn LLM states into a UNet condition, the learned null condition, Stable Diffusion's UNet and VAE
+with the UNet side network, the noise scheduler's config, and the denoising loss that both L_NIP and L_CSR use.
+
+Shapes: N images, H the LLM width, C the UNet's cross-attention width, Q the decoder perceiver's queries.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .configuration_deem import DeemConfig
+from .mmfs import DeemUNetSideNetwork, unet_forward_with_side
+from .pos_embed import sincos_1d
+from .vision import DeemPerceiver
+
+
+@dataclass
+class DiffusionDraws:
+    """Random draws of one diffusion loss branch, for reproducible research and parity checks.
+
+    Any field left ``None`` is sampled. ``latent_noise``: [N,4,h,w] eps of the VAE posterior sample;
+    ``noise``: [N,4,h,w] diffusion noise (the regression target); ``timesteps``: [N] integers in
+    [0, num_train_timesteps) *before* the CSR remapping; ``null_condition``: [N] bool, which images get the
+    learned null condition (NIP only).
+    """
+
+    latent_noise: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    null_condition: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "DiffusionDraws":
+        """The draws of the images ``index`` (the null-condition flags are taken whole: they index all images)."""
+        pick = lambda t: None if t is None else t[index.to(t.device)]  # noqa: E731
+        return DiffusionDraws(pick(self.latent_noise), pick(self.noise), pick(self.timesteps), None)
+
+
+class DeemImageDecoder(nn.Module):
+    """The image decoder: ``context_proj`` + ``decoder_perceiver`` (LLM context -> [N,Q,C] condition) and, with
+    ``config.diffusion_config``, ``null_condition`` [1,Q,C], ``unet``, ``vae`` (frozen, fp32), ``unet_side`` and
+    the DDPM ``noise_scheduler`` (a config object, no weights)."""
+
+    def __init__(self, config: DeemConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.text_config.hidden_size
+        self.context_proj = nn.Linear(hidden, hidden)
+        self.decoder_perceiver = DeemPerceiver(config.decoder_perceiver_config)
+        if config.diffusion_config is not None:
+            from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+            dcfg = config.diffusion_config
+            self.unet = UNet2DConditionModel.from_config(dcfg.unet)
+            self.vae = AutoencoderKL.from_config(dcfg.vae)
+            self.unet_side = DeemUNetSideNetwork(dcfg, config.image_embed_dim)
+            self.null_condition = nn.Parameter(torch.zeros(1, config.decoder_perceiver_config.num_queries, dcfg.unet["cross_attention_dim"]))
+            self.noise_scheduler = DDPMScheduler.from_config(dcfg.scheduler)
+            self.vae.requires_grad_(False)
+        else:
+            self.unet = self.vae = self.unet_side = self.null_condition = self.noise_scheduler = None
+
+    @property
+    def has_diffusion(self) -> bool:
+        return self.unet is not None
+
+    # ------------------------------------------------------------------ condition from the LLM context
+
+    def context_features(self, hidden: torch.Tensor, image_rows, soi_pos, starts):
+        """Reversed LLM context of each image, projected + 1-D positions, and its mask (§2.8).
+
+        ``hidden`` [B,L,H]; for image i the span ``starts[i] .. soi_pos[i]`` of row ``image_rows[i]``.
+        Returns ([N, L_max, H], [N, L_max])."""
+        lengths = soi_pos - starts + 1
+        l_max = int(lengths.max())
+        offs = torch.arange(l_max, device=hidden.device)
+        idx = soi_pos[:, None] - offs[None, :]  # index 0 = the soi token, then backwards
+        valid = offs[None, :] < lengths[:, None]
+        ctx = hidden[image_rows[:, None], idx.clamp(min=0)] * valid[..., None].to(hidden.dtype)
+        ctx = self.context_proj(ctx)
+        ctx = ctx + sincos_1d(offs.float(), hidden.shape[-1]).to(ctx)[None]
+        return ctx, valid.long()
+
+    def condition(self, hidden: torch.Tensor, image_rows, soi_pos, starts) -> torch.Tensor:
+        """[N,Q,C] UNet condition of each image from its LLM context (``context_features`` + decoder perceiver)."""
+        ctx, ctx_mask = self.context_features(hidden, image_rows, soi_pos, starts)
+        return self.decoder_perceiver(ctx, ctx_mask)
+
+    # ------------------------------------------------------------------ denoising loss
+
+    def encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior (mean, std) of decoder views in [0,1] -> latents space; frozen, fp32, no grad."""
+        with torch.no_grad():
+            x = images.to(device=self.vae.device, dtype=self.vae.dtype) * 2 - 1
+            moments = torch.cat([self.vae.encode(chunk).latent_dist.parameters for chunk in x.split(32)])
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        return mean, std
+
+    def denoising_loss(self, posterior, condition, side_features, side_mask, draws: DiffusionDraws, timestep_map, generator):
+        """Per-element epsilon MSE [N,4,h,w] (fp32) of the UNet + side network on noised latents (§2.9)."""
+        mean, std = posterior
+        n = mean.shape[0]
+        sched = self.noise_scheduler
+        eps = draws.latent_noise if draws.latent_noise is not None else torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * eps.to(mean)) * self.vae.config.scaling_factor
+        noise = draws.noise if draws.noise is not None else torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise.to(latents)
+        t = draws.timesteps
+        if t is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=generator, device=latents.device)
+        t = timestep_map(t.to(latents.device)).long()
+        noisy = sched.add_noise(latents, noise, t)
+        unet_dtype = self.unet.dtype
+        pred = unet_forward_with_side(
+            self.unet,
+            self.unet_side,
+            noisy.to(unet_dtype),
+            t,
+            condition.to(unet_dtype),
+            side_features=[f.to(unet_dtype) for f in side_features],
+            side_mask=side_mask,
+        )
+        return (pred.float() - noise.float()) ** 2
+
+    def csr_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """CSR timestep remap ``round((t - T/2) * scale + T/2)`` (T=1000, scale 0.6: [0,1000) -> [200,799])."""
+        half = self.noise_scheduler.config.num_train_timesteps / 2
+        return torch.round((t.double() - half) * self.config.csr_timestep_scale + half).long()
+
+    # ------------------------------------------------------------------ the two losses
+
+    def loss_csr(self, condition, region_features, latent_mask, posterior, draws: DiffusionDraws, generator, timestep_map=None, per_image: bool = False):
+        """Consistency semantic regularisation (§4.3): reconstruct each image from the encoder's own reading.
+
+        ``condition`` [N,Q,C] (the encoder's ``diffusion_condition``), ``region_features`` its 4 side maps
+        [N,E,h,w], ``latent_mask`` [N,1,h,w] or ``None`` (mean inside each image's region). Returns the mean, or
+        [N] with ``per_image``."""
+        n = condition.shape[0]
+        side = [f[:, None] for f in region_features]
+        side_mask = torch.ones(n, 1, device=condition.device, dtype=condition.dtype)
+        loss_map = self.denoising_loss(posterior, condition, side, side_mask, draws, timestep_map or self.csr_timesteps, generator)
+        if latent_mask is not None:
+            m = latent_mask.to(loss_map.dtype)
+            loss_map = loss_map * m * (m[0].numel() / (m.sum(dim=(1, 2, 3), keepdim=True) + 1e-8))
+        return loss_map.flatten(1).mean(1) if per_image else loss_map.mean()
+
+    def loss_nip(self, hidden, multiscale_features, image_rows, soi_pos, starts, posterior, draws: DiffusionDraws, generator):
+        """Next-image prediction (§4.2): images whose context is longer than ``<s><soi>`` are denoised from the
+        decoder perceiver's reading of the LLM context; mean over all images' elements as the original."""
+        n = soi_pos.shape[0]
+        lengths = soi_pos - starts + 1
+        keep = lengths > 2
+        if not bool(keep.any()):
+            return hidden.new_zeros((), dtype=torch.float32)
+        sel = keep.nonzero().squeeze(1)
+        condition = self.condition(hidden, image_rows[sel], soi_pos[sel], starts[sel])
+        null = draws.null_condition
+        if null is None:
+            null = torch.rand(n, generator=generator, device=condition.device) < self.config.cfg_dropout_prob
+        null = null.to(condition.device).reshape(n)[sel]
+        condition = torch.where(null[:, None, None], self.null_condition.to(condition.dtype), condition)
+        side, side_mask = self.previous_image_features(multiscale_features, image_rows, soi_pos, starts)
+        side = [f[sel] for f in side]
+        posterior = tuple(p[sel.to(p.device)] for p in posterior)
+        loss_map = self.denoising_loss(posterior, condition, side, side_mask[sel], draws.select(sel), lambda t: t, generator)
+        return loss_map.sum() / (n * loss_map[0].numel())
+
+    @staticmethod
+    def previous_image_features(maps, image_rows, soi_pos, starts):
+        """Side features for NIP (§2.8): image i gets the maps of image i-1 when that image is in the same row
+        and inside image i's document; zeros and mask 0 otherwise. Returns (list of 4 [N,1,E,h,w], [N,1])."""
+        n = image_rows.shape[0]
+        prev_ok = torch.zeros(n, dtype=torch.bool, device=image_rows.device)
+        if n > 1:
+            prev_ok[1:] = (image_rows[1:] == image_rows[:-1]) & (soi_pos[:-1] >= starts[1:])
+        feats = []
+        for m in maps:
+            shifted = torch.cat([torch.zeros_like(m[:1]), m[:-1]], dim=0)
+            feats.append((shifted * prev_ok[:, None, None, None].to(m.dtype))[:, None])
+        return feats, prev_ok[:, None].to(maps[0].dtype)

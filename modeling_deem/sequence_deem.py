@@ -1,0 +1,154 @@
+"""DEEM's sequence rules (reference §2.5, §2.8, §4.1), one implementation each: where the image placeholder runs
+are, which images a token may see (its document starts at the nearest ``<s>``), where each image's decoder
+context starts, which tokens are supervised, and the next-token loss."""
+
+import torch
+import torch.nn.functional as F
+
+from .configuration_deem import DeemConfig
+
+
+def _image_runs(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every run of image placeholders, in row-major order."""
+    is_img = input_ids == image_token_id
+    prev = F.pad(is_img[:, :-1], (1, 0), value=False)
+    nxt = F.pad(is_img[:, 1:], (0, 1), value=False)
+    starts = (is_img & ~prev).nonzero().tolist()
+    ends = (is_img & ~nxt).nonzero().tolist()
+    return [(b, s, e - s + 1) for (b, s), (_, e) in zip(starts, ends)]
+
+
+def _image_start_table(runs, batch: int, n_max: int, device) -> torch.Tensor:
+    """[B, N_max] position of each image's first placeholder, -1 where a row has fewer images."""
+    table = torch.full((batch, n_max), -1, dtype=torch.long)
+    count = [0] * batch
+    for b, s, _ in runs:
+        table[b, count[b]] = s
+        count[b] += 1
+    return table.to(device)
+
+
+def cross_attention_visibility(input_ids: torch.Tensor, image_starts: torch.Tensor, bos_token_id: int, offset: int = 0) -> torch.Tensor:
+    """[B, L, N] bool: token l sees image n iff start_n <= l and start_n > nearest ``<s>`` at or before l (§2.5).
+
+    ``image_starts`` [B,N] absolute positions of the images' first placeholders (-1: no image); ``offset``:
+    absolute position of ``input_ids[:, 0]`` (cached decoding)."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device) + offset
+    bos_at = torch.where(input_ids == bos_token_id, pos[None], torch.full_like(input_ids, -1))
+    nearest_bos = torch.cummax(bos_at, dim=1).values  # [B,L]
+    starts = image_starts[:, None, :]
+    return (starts >= 0) & (starts <= pos[None, :, None]) & (starts > nearest_bos[..., None])
+
+
+def _image_context_spans(runs, input_ids, attention_mask, bos_token_id):
+    """Per image: row, position of its ``<|startofimage|>``, and the first context position (the nearest
+    ``<s>`` before the soi, or the first real token of the row). Returns three [N] long tensors."""
+    device = input_ids.device
+    rows = torch.tensor([b for b, _, _ in runs], dtype=torch.long, device=device)
+    soi = torch.tensor([s - 1 for _, s, _ in runs], dtype=torch.long, device=device)
+    pos = torch.arange(input_ids.shape[1], device=device)
+    first_real = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
+    if attention_mask is not None:
+        first_real = attention_mask.long().argmax(dim=1)
+    bos_at = torch.where(input_ids == bos_token_id, pos[None], torch.full_like(input_ids, -1))
+    nearest_bos = torch.cummax(bos_at, dim=1).values[rows, soi]
+    starts = torch.maximum(nearest_bos, first_real[rows])
+    return rows, soi, starts
+
+
+def default_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: DeemConfig) -> torch.Tensor:
+    """Next-token targets by the rules of §4.1 (unshifted, HF convention): ignore padding (``attention_mask`` 0,
+    or the pad id when no mask is given), image placeholders, ``<s>``, and a ``<|startofimage|>`` that
+    directly follows ``<s>`` (an image opening a document is not predicted)."""
+    labels = input_ids.clone()
+    ignore = (input_ids == config.image_token_id) | (input_ids == config.bos_token_id)
+    ignore |= (attention_mask == 0) if attention_mask is not None else (input_ids == config.pad_token_id)
+    prev = F.pad(input_ids[:, :-1], (1, 0), value=-1)
+    ignore |= (input_ids == config.soi_token_id) & (prev == config.bos_token_id)
+    return labels.masked_fill(ignore, -100)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of logits[:, :-1] against labels[:, 1:] in fp32; mean over supervised targets, or sum /
+    ``num_items_in_batch`` (gradient accumulation)."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    if num_items_in_batch is None:
+        if not bool((shift_labels != -100).any()):
+            return shift_logits.sum() * 0.0
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
+
+
+def check_sequence_inputs(config: DeemConfig, input_ids, attention_mask=None, pixel_values=None, image_masks=None, num_images=None, past_len: int = 0, images_encoded: bool = False):
+    """Check what the LLM side reads, before any work; returns (image runs, images per row [B]).
+
+    ``images_encoded``: the images come already encoded (``image_embeds`` / ``vision_states``), so no
+    ``pixel_values`` are expected for the placeholders."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    max_len = config.text_config.max_position_embeddings
+    total = past_len + input_ids.shape[1]
+    if total > max_len:
+        raise ValueError(f"sequence length {total} exceeds the model's maximum of {max_len} tokens")
+    if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (input_ids.shape[0], total):
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)} (+ {past_len} cached tokens)")
+    runs = _image_runs(input_ids, config.image_token_id)
+    bad = [(b, s, n) for b, s, n in runs if n != config.num_image_tokens]
+    if bad:
+        b, s, n = bad[0]
+        raise ValueError(f"row {b}: image placeholder run at position {s} has {n} tokens, expected {config.num_image_tokens} per image")
+    for b, s, _ in runs:
+        if s == 0 or input_ids[b, s - 1] != config.soi_token_id:
+            raise ValueError(f"row {b}: image placeholders at position {s} are not preceded by the <|startofimage|> token")
+    per_row = torch.zeros(input_ids.shape[0], dtype=torch.long)
+    for b, _, _ in runs:
+        per_row[b] += 1
+    n_images = int(per_row.sum())
+    n_given = 0 if pixel_values is None else pixel_values.shape[0]
+    if n_images != n_given and not images_encoded:
+        raise ValueError(f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values")
+    if num_images is not None and not torch.equal(torch.as_tensor(num_images).cpu().long(), per_row):
+        raise ValueError(f"num_images {torch.as_tensor(num_images).tolist()} does not match the images found per row {per_row.tolist()}")
+    if image_masks is not None and pixel_values is not None and image_masks.shape[0] != pixel_values.shape[0]:
+        raise ValueError(f"image_masks has {image_masks.shape[0]} masks for {pixel_values.shape[0]} images")
+    return runs, per_row
+
+
+def pad_per_row(items: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
+    """Row-major per-image tensors [N,...] -> per row [B,N_max,...] (zeros where a row has fewer images)."""
+    n_max = max(int(per_row.max()), 1) if per_row.numel() else 1
+    out = items.new_zeros(per_row.shape[0], n_max, *items.shape[1:])
+    for b, chunk in enumerate(items.split(per_row.tolist())):
+        out[b, : chunk.shape[0]] = chunk
+    return out
+
+
+def unpad_per_row(items: torch.Tensor, per_row: torch.Tensor, name: str = "image_embeds") -> torch.Tensor | None:
+    """Per row [B,N_max,...] -> the row-major images [N,...] that ``per_row`` counts (``None`` if there are none)."""
+    if items.dim() < 2 or items.shape[0] != per_row.shape[0]:
+        raise ValueError(f"{name} must be [batch, images per row, ...] with batch {per_row.shape[0]}, got shape {tuple(items.shape)}")
+    if int(per_row.sum()) == 0:
+        return None
+    if int(per_row.max()) > items.shape[1]:
+        raise ValueError(f"input_ids hold up to {int(per_row.max())} image(s) per row but {name} has {items.shape[1]}")
+    return torch.cat([items[b, : int(n)] for b, n in enumerate(per_row.tolist())])
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int):
+    """Prompts padded on the right (or anywhere) -> the same rows padded on the left, what decoding appends to
+    (each row's real tokens keep their order, so its images keep theirs). Rows already left-aligned are returned
+    as they are."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return input_ids, attention_mask
+    mask = attention_mask.to(torch.long)
+    length = mask.shape[1]
+    real = mask.sum(1)
+    aligned = torch.arange(length, device=mask.device)[None] >= (length - real)[:, None]
+    if torch.equal(mask.bool(), aligned):
+        return input_ids, attention_mask
+    # stable sort: padding first, then the real tokens in their order
+    order = torch.argsort(mask, dim=1, stable=True)
+    ids = torch.gather(input_ids, 1, order).masked_fill(~aligned, pad_token_id)
+    return ids, aligned.to(attention_mask.dtype)
