@@ -167,7 +167,9 @@ class DeemGenerationMixin(GenerationMixin):
         limit = cfg.text_config.max_position_embeddings
         if max_new is not None and input_ids.shape[1] + max_new > limit:
             raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new} exceeds the model's maximum of {limit} tokens")
-        runs, per_row = check_sequence_inputs(self.config, input_ids, attention_mask, pixel_values, image_masks, num_images)
+        # an assistant model (assisted decoding) gets the main model's encoded images, not pixels
+        encoded = pixel_values is None and (kwargs.get("image_embeds") is not None or kwargs.get("vision_states") is not None)
+        runs, per_row = check_sequence_inputs(self.config, input_ids, attention_mask, pixel_values, image_masks, num_images, images_encoded=encoded)
         if soi == "draw":
             return self._generate_interleaved(input_ids, attention_mask, pixel_values, image_masks, runs, per_row, **kwargs)
         if pixel_values is not None and pixel_values.shape[0] > 0:

@@ -362,6 +362,14 @@ class DeemPreTrainedModel(PreTrainedModel):
         the model was split into ``model`` / ``lm_head`` / ``image_decoder`` load through a key mapping."""
         if cls is not DeemModel:
             kwargs.setdefault("key_mapping", dict(LEGACY_KEY_MAPPING))
+        if "torch_dtype" in kwargs and "dtype" not in kwargs:
+            kwargs["dtype"] = kwargs.pop("torch_dtype")
+        per_part = kwargs.get("dtype") if isinstance(kwargs.get("dtype"), dict) else None
+        if per_part is not None:
+            unknown = sorted(set(per_part) - {"", "default"} - set(DeemConfig.sub_configs))
+            if unknown:
+                raise ValueError(f"dtype keys {unknown} are not sub-configs of DeemConfig; use '' (the rest) and {sorted(DeemConfig.sub_configs)}")
+            kwargs["dtype"] = per_part.get("", per_part.get("default", torch.float32))
         want_info = kwargs.pop("output_loading_info", False)
         if strict:
             kwargs.setdefault("ignore_mismatched_sizes", True)  # collect them here and report all at once
@@ -377,7 +385,37 @@ class DeemPreTrainedModel(PreTrainedModel):
                 advice = "strict=False, ignore_mismatched_sizes=True" if info.get("mismatched_keys") else "strict=False"
                 where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
                 raise ValueError(f"weights at {where} do not match the DeemConfig: " + "; ".join(problems) + f" (pass {advice} to load anyway)")
+        if per_part is not None:
+            model._cast_sub_models(per_part)
         return (model, info) if want_info else model
+
+    def _sub_model_modules(self) -> list[tuple[str, list[nn.Module]]]:
+        """(sub-config, the modules it describes), general before specific (later entries override earlier)."""
+        base = self if isinstance(self, DeemModel) else self.model
+        parts = [
+            ("perceiver_config", [base.image_encoder]),
+            ("vision_config", [base.image_encoder.backbone]),
+            ("text_config", [base.language_model] + ([self.lm_head] if hasattr(self, "lm_head") else [])),
+            ("cross_attention_config", [layer.cross_attn for layer in base.language_model.layers if layer.cross_attn is not None]),
+        ]
+        decoder = getattr(self, "image_decoder", None)
+        if decoder is not None:
+            parts += [("decoder_perceiver_config", [decoder.decoder_perceiver]), ("diffusion_config", [m for m in (decoder.unet, decoder.unet_side) if m is not None])]
+        return parts
+
+    def _cast_sub_models(self, dtypes: dict):
+        """Cast each sub-model to its dtype in ``dtypes`` (sub-config name -> dtype); fp32 buffers and the VAE stay fp32."""
+        keep = set(self._keep_in_fp32_modules or [])
+        rest = dtypes.get("", dtypes.get("default", torch.float32))
+        for key, modules in self._sub_model_modules():  # a part not named gets the rest's dtype
+            for module in modules:
+                module.to(dtypes.get(key, rest))
+        for name, buffer in self.named_buffers():
+            if buffer.is_floating_point() and keep & set(name.split(".")):
+                buffer.data = buffer.data.float()
+        for name, module in self.named_modules():
+            if name.split(".")[-1] in (self._keep_in_fp32_modules_strict or []):
+                module.float()
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args, **kwargs):
         """transformers' switch for every ``GradientCheckpointingLayer`` (LLM, perceivers) and diffusers block, plus
@@ -457,6 +495,18 @@ class DeemModel(DeemPreTrainedModel):
     """The image encoder (ConvNeXt + adapters + perceiver, ``image_encoder``), the LLM with its gated
     cross-attention (``language_model``) and the learnable ``<|startofimage|>`` vector (``soi_embedding``):
     token and image inputs -> final-norm hidden states and the cache. No head."""
+
+    # tensor parallelism of the LLM as LLaMA's own plan (tp_plan="auto"); the image side and the gated
+    # cross-attention stay replicated
+    _tp_plan = {
+        "language_model.layers.*.self_attn.q_proj": "colwise",
+        "language_model.layers.*.self_attn.k_proj": "colwise",
+        "language_model.layers.*.self_attn.v_proj": "colwise",
+        "language_model.layers.*.self_attn.o_proj": "rowwise",
+        "language_model.layers.*.mlp.gate_proj": "colwise",
+        "language_model.layers.*.mlp.up_proj": "colwise",
+        "language_model.layers.*.mlp.down_proj": "rowwise",
+    }
 
     def __init__(self, config: DeemConfig):
         super().__init__(config)

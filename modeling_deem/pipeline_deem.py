@@ -55,6 +55,18 @@ def _onload(module: nn.Module) -> None:
         hook.pre_forward(module)
 
 
+def _stack_embeds(embeds, name: str):
+    """A list / tuple of [Q, D] or [1, Q, D] tensors -> [N, Q, D]; a tensor or ``None`` as given."""
+    if not isinstance(embeds, (list, tuple)):
+        return embeds
+    if not embeds or not all(isinstance(e, torch.Tensor) and e.dim() in (2, 3) and (e.dim() == 2 or e.shape[0] == 1) for e in embeds):
+        raise ValueError(f"`{name}` as a list must hold [Q, D] or [1, Q, D] tensors, got {[tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__ for e in embeds]}")
+    shapes = {tuple(e.shape[-2:]) for e in embeds}
+    if len(shapes) != 1:
+        raise ValueError(f"`{name}` entries differ in shape: {sorted(shapes)}")
+    return torch.cat([e if e.dim() == 3 else e[None] for e in embeds])
+
+
 class DeemImageConditioner(nn.Module):
     r"""The modules that turn LLM context into the UNet condition, held by reference (never copied).
 
@@ -163,6 +175,14 @@ class DeemImagePipeline(DiffusionPipeline):
         ``trust_remote_code=True`` the checkpoint's own code is loaded through ``transformers.AutoModel``."""
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        component_dtypes = None
+        if isinstance(kwargs.get("dtype"), dict) and set(kwargs["dtype"]) & set(cls._component_names()):
+            # diffusers' per-component form: {"unet": torch.float16, "default": torch.float32, ...}
+            component_dtypes = kwargs.pop("dtype")
+            unknown = sorted(set(component_dtypes) - set(cls._component_names()) - {"default"})
+            if unknown:
+                raise ValueError(f"torch_dtype keys {unknown} are not components of DeemImagePipeline {cls._component_names()} (or 'default')")
+            kwargs["dtype"] = component_dtypes.get("default", torch.float32)
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         model_class = None
         if not trust_remote_code:
@@ -177,7 +197,15 @@ class DeemImagePipeline(DiffusionPipeline):
 
             model = AutoModel.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         model.eval()
-        return cls.from_model(model, scheduler=scheduler)
+        pipe = cls.from_model(model, scheduler=scheduler)
+        for name, dtype in (component_dtypes or {}).items():
+            if name != "default" and name != "vae":  # the VAE stays fp32 (§2.9)
+                getattr(pipe, name).to(dtype)
+        return pipe
+
+    @staticmethod
+    def _component_names() -> list[str]:
+        return ["unet", "vae", "side_network", "conditioner"]
 
     def save_pretrained(self, *args, **kwargs):
         raise NotImplementedError(
@@ -423,7 +451,10 @@ class DeemImagePipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check inputs
+        # 1. Check inputs (a list of per-prompt conditions, [Q, D] or [1, Q, D] each, is stacked as other
+        # embedding-conditioned diffusers pipelines accept it)
+        prompt_embeds = _stack_embeds(prompt_embeds, "prompt_embeds")
+        negative_prompt_embeds = _stack_embeds(negative_prompt_embeds, "negative_prompt_embeds")
         batch_size = self.check_inputs(
             prompt_embeds,
             context_features,

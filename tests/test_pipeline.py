@@ -473,3 +473,20 @@ def test_fresh_process_trust_remote_code_pipeline(model, pipe, saved):
     out = json.loads(line[len("RESULT"):])
     assert out["module"].startswith("transformers_modules") and out["module"].endswith(".pipeline_deem")
     assert out["shared"] and out["equal"]
+
+
+def test_prompt_embeds_as_a_list_and_per_component_dtypes(model, pipe, saved):
+    from deem.modeling.pipeline_deem import DeemImagePipeline
+
+    pe = cond(model)
+    kw = dict(num_inference_steps=STEPS, output_type="pt")
+    stacked = pipe(prompt_embeds=pe, generator=[gen(1), gen(2)], **kw).images
+    listed = pipe(prompt_embeds=[pe[0], pe[1:2]], generator=[gen(1), gen(2)], **kw).images
+    assert torch.equal(stacked, listed)
+    with pytest.raises(ValueError, match="list must hold"):
+        pipe(prompt_embeds=[pe], **kw)
+    loaded = DeemImagePipeline.from_pretrained(saved, torch_dtype={"unet": torch.bfloat16, "default": torch.float32})
+    assert loaded.unet.dtype == torch.bfloat16 and loaded.side_network.parameters().__next__().dtype == torch.float32
+    assert next(loaded.vae.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="not components"):
+        DeemImagePipeline.from_pretrained(saved, torch_dtype={"unet": torch.bfloat16, "text_encoder": torch.float16})

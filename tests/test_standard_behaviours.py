@@ -294,3 +294,51 @@ def test_draw_mode_resolves_the_generation_config_and_its_processors(model):
         model.generate(input_ids=ids, soi="draw", num_beams=2)
     with pytest.raises(TypeError, match="unexpected arguments"):
         model.generate(input_ids=ids, soi="draw", not_an_option=1)
+
+
+def test_tensor_parallel_plan_names_the_llm_projections(model):
+    import re
+
+    plan = getattr(model, "tp_plan", None) or model._tp_plan
+    assert plan.get("model.language_model.layers.*.self_attn.q_proj") == "colwise"
+    assert plan.get("model.language_model.layers.*.mlp.down_proj") == "rowwise"
+    names = [n for n, _ in model.named_modules()]
+    for pattern in plan:
+        regex = re.compile("^" + re.escape(pattern).replace(r"\*", r"\d+") + "$")
+        assert any(regex.match(n) for n in names), pattern
+
+
+@pytest.mark.parametrize("mode", ["static_cache", "prompt_lookup", "assisted", "continue_from_cache"])
+def test_decoding_variants_with_images_equal_plain_greedy(model, mode):
+    from deem.modeling.compat import CACHE_FIELD
+
+    cfg = model.config
+    b = tiny_batch(cfg, seed=2, pad_side="left")
+    one = {"input_ids": b["input_ids"][:1], "attention_mask": b["attention_mask"][:1], "pixel_values": b["pixel_values"][:2], "num_images": b["num_images"][:1]}
+    common = dict(do_sample=False, soi="suppress", pad_token_id=cfg.pad_token_id, eos_token_id=-5)
+    ref = model.generate(**one, max_new_tokens=6, **common)
+    if mode == "continue_from_cache":
+        first = model.generate(**one, max_new_tokens=3, return_dict_in_generate=True, **common)
+        mask = torch.cat([one["attention_mask"], torch.ones(1, 3, dtype=torch.long)], 1)
+        out = model.generate(input_ids=first.sequences, attention_mask=mask, pixel_values=one["pixel_values"], num_images=one["num_images"],
+                             max_new_tokens=3, **common, **{CACHE_FIELD: getattr(first, CACHE_FIELD)})
+    else:
+        extra = {"static_cache": {"cache_implementation": "static"}, "prompt_lookup": {"prompt_lookup_num_tokens": 3},
+                 "assisted": {"assistant_model": tiny_model(seed=31)}}[mode]
+        out = model.generate(**one, max_new_tokens=6, **common, **extra)
+    assert torch.equal(out, ref)
+
+
+def test_dtype_per_sub_model(tmp_path, model):
+    from deem import DeemForInterleavedGeneration
+
+    model.save_pretrained(tmp_path)
+    mixed = DeemForInterleavedGeneration.from_pretrained(tmp_path, dtype={"text_config": torch.bfloat16, "": torch.float32})
+    assert mixed.language_model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
+    assert mixed.language_model.layers[0].cross_attn.gate.dtype == torch.float32  # cross_attention_config: the rest
+    assert mixed.image_encoder.perceiver.queries.dtype == torch.float32 and mixed.vae.encoder.conv_in.weight.dtype == torch.float32
+    half_side = DeemForInterleavedGeneration.from_pretrained(tmp_path, dtype={"diffusion_config": torch.bfloat16, "perceiver_config": torch.bfloat16})
+    assert half_side.unet.conv_in.weight.dtype == torch.bfloat16 and half_side.vae.encoder.conv_in.weight.dtype == torch.float32
+    assert half_side.image_encoder.perceiver.queries.dtype == torch.bfloat16 and half_side.image_encoder.clip_mean.dtype == torch.float32
+    with pytest.raises(ValueError, match="not sub-configs"):
+        DeemForInterleavedGeneration.from_pretrained(tmp_path, dtype={"llm": torch.bfloat16})
