@@ -67,7 +67,12 @@ CLIP_IGNORED_PREFIXES = (
 # LLaMA checkpoints written by transformers < 4.35 carry the rotary tables as (recomputed) buffers.
 LLAMA_IGNORED_PATTERNS = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
-_LLM_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_LLM_WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _SD_WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
@@ -128,7 +133,9 @@ class _WeightFile:
                 with safe_open(str(self.path), framework="pt") as f:
                     self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             except Exception as err:
-                raise AssemblyError(f"{self.path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+                raise AssemblyError(
+                    f"{self.path}: not a readable safetensors file ({type(err).__name__}: {err})"
+                ) from err
         else:
             self._loaded = _torch_load(self.path)
             self.shapes = {k: tuple(v.shape) for k, v in self._loaded.items()}
@@ -177,12 +184,17 @@ def _weight_files(directory: Path, names: tuple[str, ...], what: str) -> list[_W
             raise AssemblyError(f"{path}: the index does not match the shards' contents for key(s): {_listing(wrong)}")
         return files
     present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    raise AssemblyError(f"{directory}: no {what} weights found (looked for {', '.join(names)}; the folder holds: {', '.join(present) or 'nothing'})")
+    raise AssemblyError(
+        f"{directory}: no {what} weights found (looked for {', '.join(names)}; the folder holds: "
+        f"{', '.join(present) or 'nothing'})"
+    )
 
 
 def _load_clip_file(path: Path) -> _WeightFile:
     if path.suffix not in (".bin", ".pt", ".pth", ".safetensors"):
-        raise AssemblyError(f"{path}: unsupported open_clip checkpoint format {path.suffix!r} (use .bin, .pt or .safetensors)")
+        raise AssemblyError(
+            f"{path}: unsupported open_clip checkpoint format {path.suffix!r} (use .bin, .pt or .safetensors)"
+        )
     return _WeightFile(path)
 
 
@@ -195,14 +207,18 @@ _BLOCK_RE = re.compile(r"^visual\.trunk\.stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def infer_convnext_layout(shapes: dict[str, tuple], source: str = "the open_clip checkpoint") -> dict:
-    """ConvNeXt ``depths``, ``dims`` and whether blocks have layer-scale ``gamma`` from ``visual.trunk.*`` key shapes."""
+    """ConvNeXt ``depths``, ``dims`` and whether blocks have layer-scale ``gamma``
+    from ``visual.trunk.*`` key shapes."""
     blocks: dict[int, set[int]] = {}
     for key in shapes:
         m = _BLOCK_RE.match(key)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     if not blocks:
-        raise AssemblyError(f"{source}: no ConvNeXt trunk found (no 'visual.trunk.stages.*.blocks.*' keys); is this an open_clip ConvNeXt checkpoint?")
+        raise AssemblyError(
+            f"{source}: no ConvNeXt trunk found (no 'visual.trunk.stages.*.blocks.*' keys); is this an open_clip "
+            "ConvNeXt checkpoint?"
+        )
     stages = sorted(blocks)
     if stages != list(range(len(stages))) or len(stages) != 4:
         raise AssemblyError(f"{source}: expected a 4-stage ConvNeXt trunk, found stages {stages}")
@@ -241,11 +257,25 @@ def _text_config(llm_path: Path, vocab_size: int, pad_token_id: int):
     try:
         config = AutoConfig.from_pretrained(llm_path)
     except Exception as err:
-        raise AssemblyError(f"{llm_path / 'config.json'}: cannot read the LLM config ({type(err).__name__}: {err})") from err
+        raise AssemblyError(
+            f"{llm_path / 'config.json'}: cannot read the LLM config ({type(err).__name__}: {err})"
+        ) from err
     if config.model_type != "llama":
-        raise AssemblyError(f"{llm_path / 'config.json'}: DEEM's language model is a LLaMA; this config has model_type {config.model_type!r}")
+        raise AssemblyError(
+            f"{llm_path / 'config.json'}: DEEM's language model is a LLaMA; this config has model_type "
+            f"{config.model_type!r}"
+        )
     text = config.to_dict()
-    for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "auto_map", "id2label", "label2id"):
+    for key in (
+        "architectures",
+        "transformers_version",
+        "_name_or_path",
+        "dtype",
+        "torch_dtype",
+        "auto_map",
+        "id2label",
+        "label2id",
+    ):
         text.pop(key, None)
     text.update(vocab_size=vocab_size, pad_token_id=pad_token_id, tie_word_embeddings=False)
     return text, config
@@ -266,7 +296,9 @@ def _merge(base: dict, overrides: dict) -> dict:
 class _Component:
     """Maps the tensors of some files onto model keys; ``check`` lists every problem, ``copy_into`` loads."""
 
-    def __init__(self, name: str, files: list[_WeightFile], rename, expected: dict[str, tuple], row_prefix=(), source_name=None):
+    def __init__(
+        self, name: str, files: list[_WeightFile], rename, expected: dict[str, tuple], row_prefix=(), source_name=None
+    ):
         self.name, self.files, self.rename = name, files, rename
         self.source_name = source_name or (lambda key: key)  # model key -> checkpoint key, for messages
         self.expected = expected  # model key -> shape the source must have
@@ -301,7 +333,9 @@ class _Component:
         missing = sorted(self.source_name(k) for k in set(self.expected) - set(filled))
         problems = []
         if unknown:
-            problems.append(f"{len(unknown)} tensor(s) that are neither used nor a known ignored part: {_listing(unknown)}")
+            problems.append(
+                f"{len(unknown)} tensor(s) that are neither used nor a known ignored part: {_listing(unknown)}"
+            )
         if missing:
             problems.append(f"{len(missing)} required tensor(s) missing: {_listing(missing)}")
         if mismatched:
@@ -351,7 +385,10 @@ def _null_condition(sd_path: Path) -> torch.Tensor | None:
     te_dir, tok_dir = sd_path / "text_encoder", sd_path / "tokenizer"
     absent = [str(p) for p in (te_dir, tok_dir) if not p.is_dir()]
     if absent:
-        logger.warning(f"{', '.join(absent)} not found: null_condition keeps its random init (normal(0, 0.02)) instead of the SD text-encoder embedding of the empty prompt")
+        logger.warning(
+            f"{', '.join(absent)} not found: null_condition keeps its random init (normal(0, 0.02)) instead of the SD "
+            "text-encoder embedding of the empty prompt"
+        )
         return None
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -369,7 +406,10 @@ def _null_condition(sd_path: Path) -> torch.Tensor | None:
     length = tokenizer.model_max_length
     max_pos = encoder.config.max_position_embeddings
     if not isinstance(length, int) or length > max_pos:
-        raise AssemblyError(f"{tok_dir}: model_max_length {length!r} is not a usable prompt length for a text encoder with {max_pos} positions")
+        raise AssemblyError(
+            f"{tok_dir}: model_max_length {length!r} is not a usable prompt length for a text encoder "
+            f"with {max_pos} positions"
+        )
     ids = tokenizer([""], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         return encoder.eval()(ids).last_hidden_state.float()
@@ -402,12 +442,13 @@ def _assemble(
     dtype=torch.float32,
     seed: int | None = None,
 ):
+    from transformers import AutoTokenizer
+
     from deem.modeling.configuration_deem import DeemConfig
     from deem.modeling.image_processing_deem import DeemImageProcessor
     from deem.modeling.mmfs import check_unet_supported
     from deem.modeling.modeling_deem import DeemForInterleavedGeneration, current_to_legacy_keys
     from deem.modeling.processing_deem import DEEM_SPECIAL_TOKENS, DeemProcessor, prepare_tokenizer
-    from transformers import AutoTokenizer
 
     llm_path, sd_path, clip_path = Path(llm_path), Path(sd_path), Path(clip_path)
     dtype = _as_dtype(dtype)
@@ -434,7 +475,8 @@ def _assemble(
     want_ids = [original_vocab + i for i in range(len(DEEM_SPECIAL_TOKENS))]
     if new_ids != want_ids or len(tokenizer) != original_vocab + len(DEEM_SPECIAL_TOKENS):
         raise AssemblyError(
-            f"{llm_path}: the tokenizer ({len(tokenizer)} tokens after adding {list(DEEM_SPECIAL_TOKENS)} at ids {new_ids}) "
+            f"{llm_path}: the tokenizer ({len(tokenizer)} tokens after adding "
+            f"{list(DEEM_SPECIAL_TOKENS)} at ids {new_ids}) "
             f"does not line up with the LLM's vocab_size {original_vocab}: DEEM needs the six new tokens at "
             f"{want_ids[0]}..{want_ids[-1]}, right after the base vocabulary"
         )
@@ -449,7 +491,8 @@ def _assemble(
     prediction = sched_cfg.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise AssemblyError(
-            f"{sd_path / 'scheduler' / 'scheduler_config.json'}: prediction_type {prediction!r}; DEEM's diffusion losses "
+            f"{sd_path / 'scheduler' / 'scheduler_config.json'}: prediction_type {prediction!r}; "
+            "DEEM's diffusion losses "
             "regress the added noise (epsilon), as SD-2.1-base does (SD-2.1 768-v is a v-prediction model)"
         )
     unet_files = _weight_files(sd_path / "unet", _SD_WEIGHT_NAMES, "UNet")
@@ -465,11 +508,21 @@ def _assemble(
 
     # ---- config
     sides = [image_size // 2 ** (level + 2) for level in range(4)]
-    vision = dict(depths=layout["depths"], dims=layout["dims"], embed_dim=image_embed_dim, image_size=image_size, grid_size=image_size // 16)
+    vision = dict(
+        depths=layout["depths"],
+        dims=layout["dims"],
+        embed_dim=image_embed_dim,
+        image_size=image_size,
+        grid_size=image_size // 16,
+    )
     if not layout["layer_scale"]:
         vision["ls_init_value"] = None
     decoder_perceiver = dict(DeemConfig.sub_configs_defaults["decoder_perceiver_config"].init_kwargs)
-    decoder_perceiver.update(num_queries=null.shape[1] if null is not None else 77, hidden_size=unet_cfg["cross_attention_dim"], encoder_hidden_size=text_config["hidden_size"])
+    decoder_perceiver.update(
+        num_queries=null.shape[1] if null is not None else 77,
+        hidden_size=unet_cfg["cross_attention_dim"],
+        encoder_hidden_size=text_config["hidden_size"],
+    )
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else text_config.get("bos_token_id")
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else text_config.get("eos_token_id")
     kwargs = dict(
@@ -505,7 +558,10 @@ def _assemble(
     except (TypeError, ValueError) as err:
         raise AssemblyError(f"the component sizes do not make a valid DeemConfig: {err}") from err
     if config.num_image_tokens != config.perceiver_config.num_queries:
-        raise AssemblyError(f"num_image_tokens {config.num_image_tokens} != perceiver_config.num_queries {config.perceiver_config.num_queries}")
+        raise AssemblyError(
+            f"num_image_tokens {config.num_image_tokens} != perceiver_config.num_queries "
+            f"{config.perceiver_config.num_queries}"
+        )
     if config.diffusion_config is None:
         raise AssemblyError("config_overrides turned the diffusion part off; assembly is for stage 1, which needs it")
     if null is not None and config.decoder_perceiver_config.num_queries != null.shape[1]:
@@ -515,7 +571,10 @@ def _assemble(
             "null condition and the decoder perceiver's output must have the same number of tokens"
         )
     if null is not None and null.shape[2] != config.diffusion_config.unet["cross_attention_dim"]:
-        raise AssemblyError(f"{sd_path / 'text_encoder'}: hidden size {null.shape[2]} != UNet cross_attention_dim {config.diffusion_config.unet['cross_attention_dim']}")
+        raise AssemblyError(
+            f"{sd_path / 'text_encoder'}: hidden size {null.shape[2]} != UNet cross_attention_dim "
+            f"{config.diffusion_config.unet['cross_attention_dim']}"
+        )
 
     # ---- key maps, checked against the model's shapes before any real weight is allocated
     try:
@@ -577,8 +636,20 @@ def _assemble(
             row_prefix=("language_model.embed_tokens.weight", "lm_head.base.weight"),
             source_name=llm_source_name,
         ),
-        _Component("UNet", unet_files, rename_sd("unet.", unet_renames), {k: v for k, v in shapes.items() if k.startswith("unet.")}, source_name=strip("unet.")),
-        _Component("VAE", vae_files, rename_sd("vae.", vae_renames), {k: v for k, v in shapes.items() if k.startswith("vae.")}, source_name=strip("vae.")),
+        _Component(
+            "UNet",
+            unet_files,
+            rename_sd("unet.", unet_renames),
+            {k: v for k, v in shapes.items() if k.startswith("unet.")},
+            source_name=strip("unet."),
+        ),
+        _Component(
+            "VAE",
+            vae_files,
+            rename_sd("vae.", vae_renames),
+            {k: v for k, v in shapes.items() if k.startswith("vae.")},
+            source_name=strip("vae."),
+        ),
         _Component(
             "open_clip ConvNeXt",
             [clip_file],
@@ -599,7 +670,11 @@ def _assemble(
     report = {"components": {}, "config": config}
     for component in components:
         loaded = component.copy_into(state)
-        report["components"][component.name] = {"source": component.where(), "loaded": loaded, "ignored": sorted(component.ignored)}
+        report["components"][component.name] = {
+            "source": component.where(),
+            "loaded": loaded,
+            "ignored": sorted(component.ignored),
+        }
     with torch.no_grad():
         if tied:
             model.lm_head.base.weight[:original_vocab].copy_(model.language_model.embed_tokens.weight[:original_vocab])
@@ -664,7 +739,8 @@ def assemble_deem(
     seed: int | None = None,
     overwrite: bool = False,
 ):
-    """Build a fresh DEEM (stage-1 ready) from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir and an open_clip ConvNeXt file.
+    """Build a fresh DEEM (stage-1 ready) from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir and an open_clip
+    ConvNeXt file.
 
     Args:
         llm_path: HF LLaMA directory (config.json, weights, tokenizer). Its vocab V0 becomes ``original_vocab_size``;
@@ -733,17 +809,24 @@ def _parse_overrides(text: str | None) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m deem.conversion.assemble",
-        description="Assemble a fresh DEEM for stage-1 training from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir and an open_clip ConvNeXt checkpoint.",
+        description="Assemble a fresh DEEM for stage-1 training from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir "
+        "and an open_clip ConvNeXt checkpoint.",
     )
-    parser.add_argument("--llm", required=True, help="LLaMA / Vicuna directory in HF format (config, weights, tokenizer)")
+    parser.add_argument(
+        "--llm", required=True, help="LLaMA / Vicuna directory in HF format (config, weights, tokenizer)"
+    )
     parser.add_argument("--sd", required=True, help="Stable Diffusion 2.1 directory in diffusers format")
-    parser.add_argument("--clip", required=True, help="open_clip ConvNeXt checkpoint (open_clip_pytorch_model.bin / .pt / .safetensors)")
+    parser.add_argument(
+        "--clip", required=True, help="open_clip ConvNeXt checkpoint (open_clip_pytorch_model.bin / .pt / .safetensors)"
+    )
     parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--image-size", type=int, default=256, help="encoder resolution (default 256, stage 1)")
     parser.add_argument("--num-image-tokens", type=int, default=77)
     parser.add_argument("--image-embed-dim", type=int, default=1024)
     parser.add_argument("--decoder-image-size", type=int, default=None, help="default: UNet sample_size x VAE factor")
-    parser.add_argument("--config-overrides", default=None, help="JSON object (or a JSON file) of extra DeemConfig kwargs")
+    parser.add_argument(
+        "--config-overrides", default=None, help="JSON object (or a JSON file) of extra DeemConfig kwargs"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true")
@@ -772,7 +855,10 @@ def main(argv=None) -> None:
         ignored = f", {len(info['ignored'])} ignored" if info["ignored"] else ""
         lines.append(f"  {name}: {info['loaded']} tensors from {info['source']}{ignored}")
     lines.append(f"  null condition: {report['null_condition']}; tied embeddings: {report['tied_embeddings']}")
-    lines.append(f"  vocab {model.config.original_vocab_size} + 6 new tokens; {sum(p.numel() for p in model.parameters()):,} parameters")
+    lines.append(
+        f"  vocab {model.config.original_vocab_size} + 6 new tokens; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     print("\n".join(lines))
 
 

@@ -1,7 +1,8 @@
 """Convert an original DEEM / MM-Interleaved (``uni_interleaved``) checkpoint into a ``save_pretrained`` directory.
 
     python -m deem.conversion.convert_original --checkpoint pytorch_model.bin --config pretrain.yaml \
-        --llm assets/lmsys/vicuna-7b-v1.5 --sd assets/stabilityai/stable-diffusion-2-1-base --out deem-7b [--verify FIXTURE_DIR]
+        --llm assets/lmsys/vicuna-7b-v1.5 --sd assets/stabilityai/stable-diffusion-2-1-base \
+        --out deem-7b [--verify FIXTURE_DIR]
 
 The checkpoint is read with ``torch.load(weights_only=True)`` (``.bin``/``.pt``) or safetensors; the ``model:``
 section of the original YAML gives the architecture, the LLaMA directory its ``config.json`` (and tokenizer), the
@@ -52,8 +53,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:
         text = str(err)
         if "weights_only" in text or "Unsupported global" in text:
-            raise ConversionError(f"{path}: refused: the pickle needs arbitrary code to load (weights_only=True); only plain tensors are accepted") from err
-        raise ConversionError(f"{path}: cannot read the checkpoint ({text.splitlines()[0] if text else type(err).__name__})") from err
+            raise ConversionError(
+                f"{path}: refused: the pickle needs arbitrary code to load (weights_only=True); only plain "
+                "tensors are accepted"
+            ) from err
+        raise ConversionError(
+            f"{path}: cannot read the checkpoint ({text.splitlines()[0] if text else type(err).__name__})"
+        ) from err
     for key in ("module", "model", "state_dict"):  # DeepSpeed / trainer wrappers
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -69,7 +75,16 @@ def _read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: missing") from err
 
 
-def convert(checkpoint, model_config: dict, llm_dir, sd_dir=None, out_dir=None, image_size: int = 256, verify_dir=None, dtype=torch.float32):
+def convert(
+    checkpoint,
+    model_config: dict,
+    llm_dir,
+    sd_dir=None,
+    out_dir=None,
+    image_size: int = 256,
+    verify_dir=None,
+    dtype=torch.float32,
+):
     """Convert; returns the model (and writes ``out_dir`` when given, atomically). See the module docstring."""
     from deem import DeemForInterleavedGeneration
 
@@ -80,13 +95,17 @@ def convert(checkpoint, model_config: dict, llm_dir, sd_dir=None, out_dir=None, 
     has_sd = any(k.startswith("visual_tokenizer.encoder.unet.") for k in state)
     if has_sd:
         if sd_dir is None:
-            raise ConversionError(f"{checkpoint}: the checkpoint holds diffusion weights; pass the SD directory (--sd) for their configs")
+            raise ConversionError(
+                f"{checkpoint}: the checkpoint holds diffusion weights; pass the SD directory (--sd) for their configs"
+            )
         sd_dir = Path(sd_dir)
         unet, vae = _read_json(sd_dir / "unet" / "config.json"), _read_json(sd_dir / "vae" / "config.json")
         scheduler = _read_json(sd_dir / "scheduler" / "scheduler_config.json")
     trunk_shapes = {k[len(SNIFFER) :]: tuple(v.shape) for k, v in state.items() if k.startswith(SNIFFER)}
     convnext = infer_convnext_layout(trunk_shapes, source=str(checkpoint))
-    config = config_from_original(model_config, llama, convnext=convnext, unet=unet, vae=vae, scheduler=scheduler, image_size=image_size)
+    config = config_from_original(
+        model_config, llama, convnext=convnext, unet=unet, vae=vae, scheduler=scheduler, image_size=image_size
+    )
     with torch.device("meta"):
         skeleton = DeemForInterleavedGeneration(config)
     converted = convert_state_dict(state, expected=skeleton.state_dict())
@@ -104,7 +123,9 @@ def convert(checkpoint, model_config: dict, llm_dir, sd_dir=None, out_dir=None, 
 SCALE_ULPS = 16
 
 
-def parity_close(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5, ulps: int = SCALE_ULPS) -> tuple[bool, float]:
+def parity_close(
+    ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5, ulps: int = SCALE_ULPS
+) -> tuple[bool, float]:
     """Float32 parity: every element within ``atol + rtol·|ref|`` or within ``ulps`` float32 ulps of the tensor's
     scale (``ulps·eps·max|ref|``). The second bound covers small elements computed from large ones (LLM residual
     streams reach |x| ≈ 20, so different BLAS kernels leave ~1e-5 on elements of size 0.01). Returns (ok, max abs
@@ -114,7 +135,9 @@ def parity_close(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5, rtol
     ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
     dev = (ours - ref).abs()
     scale = ulps * torch.finfo(torch.float32).eps * float(ref.abs().max()) if ref.numel() else 0.0
-    ok = bool(((dev <= atol + rtol * ref.abs()) | (dev <= scale)).all()) and not bool(torch.isnan(ours).any() ^ torch.isnan(ref).any())
+    ok = bool(((dev <= atol + rtol * ref.abs()) | (dev <= scale)).all()) and not bool(
+        torch.isnan(ours).any() ^ torch.isnan(ref).any()
+    )
     return ok, float(dev.max()) if dev.numel() else 0.0
 
 
@@ -137,7 +160,11 @@ def verify(model, fixture_dir, atol: float = 1e-5, rtol: float = 1e-5) -> dict[s
             output_hidden_states=True,
             return_loss=False,
         )
-    pairs = {f"hidden_states.{i}": (h, ref[f"mm_decoder.hidden_states.{i}"]) for i, h in enumerate(out.hidden_states) if f"mm_decoder.hidden_states.{i}" in ref}
+    pairs = {
+        f"hidden_states.{i}": (h, ref[f"mm_decoder.hidden_states.{i}"])
+        for i, h in enumerate(out.hidden_states)
+        if f"mm_decoder.hidden_states.{i}" in ref
+    }
     cols = ref["text_decoder.logits_sel_cols"]
     pairs["logits_sel"] = (out.logits[..., cols], ref["text_decoder.logits_sel"])
     pairs["logsumexp"] = (out.logits.logsumexp(-1), ref["text_decoder.logits_logsumexp"])
@@ -167,7 +194,11 @@ def _save_atomically(model, out_dir, llm_dir, config):
 
             tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(llm_dir))
             decoder = config.diffusion_config.image_size if config.diffusion_config is not None else 512
-            DeemProcessor(DeemImageProcessor(size=config.vision_config.image_size, decoder_size=decoder), tokenizer, num_image_tokens=config.num_image_tokens).save_pretrained(tmp)
+            DeemProcessor(
+                DeemImageProcessor(size=config.vision_config.image_size, decoder_size=decoder),
+                tokenizer,
+                num_image_tokens=config.num_image_tokens,
+            ).save_pretrained(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)

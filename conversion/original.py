@@ -11,7 +11,11 @@ import torch
 
 from deem.modeling.modeling_deem import legacy_to_current_keys
 
-from .original_keys_diffusion import original_side_base_spatial_shapes, rename_cross_attention_key, rename_side_network_key
+from .original_keys_diffusion import (
+    original_side_base_spatial_shapes,
+    rename_cross_attention_key,
+    rename_side_network_key,
+)
 from .original_keys_vision import rename_image_encoder_key, rename_perceiver_key
 
 NULL_ALIAS = "visual_tokenizer.neg_prompt_embeds"
@@ -55,7 +59,9 @@ def rename_original_key(key: str) -> str | None:
     raise KeyError(key)
 
 
-def convert_state_dict(original: dict[str, torch.Tensor], expected: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def convert_state_dict(
+    original: dict[str, torch.Tensor], expected: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Rename every key; with ``expected`` (a model's state dict) also check that every model key is filled
     with a tensor of the right shape. Raises ``ConversionError`` listing unknown / missing / mismatched keys."""
     converted, unknown, bad_drops = {}, [], []
@@ -73,7 +79,9 @@ def convert_state_dict(original: dict[str, torch.Tensor], expected: dict[str, to
     converted = legacy_to_current_keys(converted)  # the key names above are the layout's before the model split
     if NULL_ALIAS in original and "image_decoder.neg_prompt_embeds" in original:
         if not torch.equal(original[NULL_ALIAS], original["image_decoder.neg_prompt_embeds"]):
-            bad_drops.append(f"{NULL_ALIAS} differs from image_decoder.neg_prompt_embeds (they are one parameter in the original)")
+            bad_drops.append(
+                f"{NULL_ALIAS} differs from image_decoder.neg_prompt_embeds (they are one parameter in the original)"
+            )
     problems = []
     if unknown:
         problems.append(f"{len(unknown)} unmapped key(s): {', '.join(sorted(unknown))}")
@@ -82,7 +90,11 @@ def convert_state_dict(original: dict[str, torch.Tensor], expected: dict[str, to
     if expected is not None:
         missing = sorted(set(expected) - set(converted))
         extra = sorted(set(converted) - set(expected))
-        shapes = sorted(f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}" for k in set(converted) & set(expected) if converted[k].shape != expected[k].shape)
+        shapes = sorted(
+            f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in set(converted) & set(expected)
+            if converted[k].shape != expected[k].shape
+        )
         if missing:
             problems.append(f"{len(missing)} model key(s) missing from the checkpoint: {', '.join(missing)}")
         if extra:
@@ -97,7 +109,16 @@ def convert_state_dict(original: dict[str, torch.Tensor], expected: dict[str, to
 CONVNEXT_BASE = {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024)}
 
 
-def config_from_original(model_config: dict, llama_config: dict, convnext: dict | None = None, unet: dict | None = None, vae: dict | None = None, scheduler: dict | None = None, image_size: int = 256, side_spatial_shapes=None):
+def config_from_original(
+    model_config: dict,
+    llama_config: dict,
+    convnext: dict | None = None,
+    unet: dict | None = None,
+    vae: dict | None = None,
+    scheduler: dict | None = None,
+    image_size: int = 256,
+    side_spatial_shapes=None,
+):
     """Build a ``DeemConfig`` from the original's ``model:`` YAML section and its component configs.
 
     ``model_config``: the ``model:`` section (``num_img_token``, ``image_embed_dim``, ``cross_attention_frequency``,
@@ -123,10 +144,18 @@ def config_from_original(model_config: dict, llama_config: dict, convnext: dict 
     for key in ("architectures", "transformers_version", "torch_dtype", "_name_or_path"):
         text.pop(key, None)
     kwargs = dict(
-        vision_config=dict(depths=tuple(trunk["depths"]), dims=tuple(trunk["dims"]), embed_dim=embed, image_size=image_size, mask_align=mc.get("mask_align", False)),
+        vision_config=dict(
+            depths=tuple(trunk["depths"]),
+            dims=tuple(trunk["dims"]),
+            embed_dim=embed,
+            image_size=image_size,
+            mask_align=mc.get("mask_align", False),
+        ),
         perceiver_config=perc,
         text_config=text,
-        cross_attention_config=dict(frequency=mc.get("cross_attention_frequency", 4), spatial_shapes=list(mc.get("spatial_shapes", [32, 16, 8]))),
+        cross_attention_config=dict(
+            frequency=mc.get("cross_attention_frequency", 4), spatial_shapes=list(mc.get("spatial_shapes", [32, 16, 8]))
+        ),
         image_embed_dim=embed,
         num_image_tokens=num_tokens,
         original_vocab_size=llama_config.get("vocab_size", 32000),
@@ -143,7 +172,9 @@ def config_from_original(model_config: dict, llama_config: dict, convnext: dict 
         kwargs["decoder_perceiver_config"] = dp
         kwargs["cfg_dropout_prob"] = idc.get("uncond_prob", 0.1)
         clean = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
-        diffusion = dict(unet=clean(unet), vae=clean(vae), scheduler=clean(scheduler or {}), image_size=idc.get("image_size", 512))
+        diffusion = dict(
+            unet=clean(unet), vae=clean(vae), scheduler=clean(scheduler or {}), image_size=idc.get("image_size", 512)
+        )
         if side_spatial_shapes is not None:
             diffusion["side_spatial_shapes"] = tuple(side_spatial_shapes)
         diffusion["side_base_spatial_shapes"] = original_side_base_spatial_shapes(unet, diffusion["image_size"])
@@ -151,4 +182,3 @@ def config_from_original(model_config: dict, llama_config: dict, convnext: dict 
     else:
         kwargs["use_diffusion"] = False
     return DeemConfig(**kwargs)
-

@@ -19,7 +19,14 @@ UNET_PREFIX = "visual_tokenizer.encoder.unet."
 VAE_PREFIX = "visual_tokenizer.encoder.vae."
 CROSS_ATTENTION_RE = re.compile(r"^mm_decoder\.layers\.(\d+)\.llama_cross_attn\.(.+)$")
 
-_ATTN_PARAMS = ("sampling_offsets", "dynamic_offset_mask", "attention_weights", "value_proj", "output_proj", "query_relpos")
+_ATTN_PARAMS = (
+    "sampling_offsets",
+    "dynamic_offset_mask",
+    "attention_weights",
+    "value_proj",
+    "output_proj",
+    "query_relpos",
+)
 
 
 def _rename_attn(suffix: str) -> str | None:
@@ -110,8 +117,6 @@ def convert_cross_attention_state_dicts(original: dict) -> dict[int, dict]:
 def extract_prefixed(original: dict, prefix: str) -> dict:
     """Sub-state-dict under ``prefix`` with the prefix removed (e.g. ``UNET_PREFIX`` -> diffusers UNet keys)."""
     return {k[len(prefix) :]: v for k, v in original.items() if k.startswith(prefix)}
-
-
 
 
 def original_side_base_spatial_shapes(unet_config: dict, image_size: int) -> list[int]:

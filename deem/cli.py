@@ -35,7 +35,11 @@ def cmd_params(args) -> None:
     built = time.perf_counter() - start
     stages = [args.stage] if args.stage else [1, 2, 3]
     for stage in stages:
-        print(format_table(model.parameter_table(stage), f"\n{args.config} model, stage {stage} preset (built in {built:.1f} s)"))
+        print(
+            format_table(
+                model.parameter_table(stage), f"\n{args.config} model, stage {stage} preset (built in {built:.1f} s)"
+            )
+        )
 
 
 def cmd_demo(args) -> None:
@@ -47,7 +51,17 @@ def cmd_demo(args) -> None:
     q, soi, img = config.num_image_tokens, config.soi_token_id, config.image_token_id
     g = torch.Generator().manual_seed(args.seed)
     text = lambda n: torch.randint(3, config.original_vocab_size - 2, (n,), generator=g).tolist()  # noqa: E731
-    row = [config.bos_token_id] + text(3) + [soi] + [img] * q + text(4) + [soi] + [img] * q + text(2) + [config.eos_token_id]
+    row = (
+        [config.bos_token_id]
+        + text(3)
+        + [soi]
+        + [img] * q
+        + text(4)
+        + [soi]
+        + [img] * q
+        + text(2)
+        + [config.eos_token_id]
+    )
     vis, dec = config.vision_config.image_size, config.diffusion_config.image_size
     batch = {
         "input_ids": torch.tensor([row]),
@@ -63,7 +77,8 @@ def cmd_demo(args) -> None:
         optimizer.zero_grad()
         print(
             f"step {step}: loss {out.loss.item():.4f} = ntp {out.loss_ntp.item():.4f}"
-            f" + {config.loss_nip_weight:g}*nip {out.loss_nip.item():.4f} + {config.loss_csr_weight:g}*csr {out.loss_csr.item():.4f}"
+            f" + {config.loss_nip_weight:g}*nip {out.loss_nip.item():.4f} + {config.loss_csr_weight:g}*csr "
+            f"{out.loss_csr.item():.4f}"
         )
     print(format_table(model.parameter_table(), "\ntiny model, stage 1 (current requires_grad)"))
 
@@ -77,9 +92,13 @@ def main(argv=None) -> None:
     params = sub.add_parser("params", help="per-component parameter table for the stage presets")
     params.add_argument("--config", choices=["7b", "tiny"], default="7b")
     params.add_argument("--stage", type=int, choices=[1, 2, 3])
-    sub.add_parser("assemble", help="fresh DEEM from LLaMA + SD-2.1 + open_clip checkpoints (see --help)", add_help=False)
+    sub.add_parser(
+        "assemble", help="fresh DEEM from LLaMA + SD-2.1 + open_clip checkpoints (see --help)", add_help=False
+    )
     sub.add_parser("convert", help="original DEEM checkpoint -> HF directory (see --help)", add_help=False)
-    sub.add_parser("train", help="train one DEEM stage: deem train --stage N --config cfg.yaml (see --help)", add_help=False)
+    sub.add_parser(
+        "train", help="train one DEEM stage: deem train --stage N --config cfg.yaml (see --help)", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "assemble":
         from .conversion.assemble import main as assemble_main

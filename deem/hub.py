@@ -36,7 +36,6 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-
 __all__ = [
     "CARD_MARKER",
     "DEFAULT_BASE_MODELS",
@@ -91,11 +90,16 @@ def normalize_results(results: Any) -> list[dict]:
     if isinstance(results, dict) and isinstance(results.get("results"), (dict, list)):
         results = results["results"]
     if isinstance(results, dict):
-        rows = [dict(value, benchmark=key) if isinstance(value, dict) else {"benchmark": key, "score": value} for key, value in results.items()]
+        rows = [
+            dict(value, benchmark=key) if isinstance(value, dict) else {"benchmark": key, "score": value}
+            for key, value in results.items()
+        ]
     elif isinstance(results, (list, tuple)):
         rows = list(results)
     else:
-        raise TypeError(f"results must be a dict, a list of rows, a JSON string or a path, got {type(results).__name__}")
+        raise TypeError(
+            f"results must be a dict, a list of rows, a JSON string or a path, got {type(results).__name__}"
+        )
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -150,9 +154,14 @@ def results_from_card(text: str) -> list[dict]:
     for r in getattr(data, "eval_results", None) or []:
         rows.append(
             {
-                "benchmark": r.dataset_name, "score": r.metric_value, "metric": r.metric_type, "split": r.dataset_split,
-                "dataset": r.dataset_type if r.dataset_type != _slug(r.dataset_name) else None, "task": r.task_type,
-                "notes": None, "source_url": r.source_url,
+                "benchmark": r.dataset_name,
+                "score": r.metric_value,
+                "metric": r.metric_type,
+                "split": r.dataset_split,
+                "dataset": r.dataset_type if r.dataset_type != _slug(r.dataset_name) else None,
+                "task": r.task_type,
+                "notes": None,
+                "source_url": r.source_url,
             }
         )
     return rows
@@ -324,12 +333,16 @@ def write_model_card(
     existing = readme.read_text(encoding="utf-8") if readme.is_file() else None
     if not overwrite and not _is_replaceable(existing):
         return None
-    readme.write_text(_merged_card(existing, model_config, repo_id, results, base_model, license, num_parameters), encoding="utf-8")
+    readme.write_text(
+        _merged_card(existing, model_config, repo_id, results, base_model, license, num_parameters), encoding="utf-8"
+    )
     return readme
 
 
 # ------------------------------------------------------------------------------------------------------ push
-_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)\.index\.json")
+_WEIGHT_FILE = re.compile(
+    r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+)
 
 
 def push_model(
@@ -382,7 +395,11 @@ def push_model(
             Path(tmp, "README.md").write_text(card, encoding="utf-8")
         local = sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file())
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(tmp, name))) for name in local]
-        operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remote_files - set(local)) if _WEIGHT_FILE.fullmatch(name)]
+        operations += [
+            CommitOperationDelete(path_in_repo=name)
+            for name in sorted(remote_files - set(local))
+            if _WEIGHT_FILE.fullmatch(name)
+        ]
         return api.create_commit(
             repo_id,
             operations,

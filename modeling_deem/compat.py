@@ -33,16 +33,29 @@ MASK_CACHE_KW = _cache_param(create_causal_mask)
 def pop_cache_kwarg(cache, past_key_values, kwargs: dict):
     """The cache a caller passed under either name (``cache=``, ``past_key_values=`` or the deprecated
     ``cache_params=`` left in ``kwargs``); giving it twice under different names is an error."""
-    given = [(name, value) for name, value in (("cache", cache), ("past_key_values", past_key_values), ("cache_params", kwargs.pop("cache_params", None))) if value is not None]
+    given = [
+        (name, value)
+        for name, value in (
+            ("cache", cache),
+            ("past_key_values", past_key_values),
+            ("cache_params", kwargs.pop("cache_params", None)),
+        )
+        if value is not None
+    ]
     if len(given) > 1:
-        raise ValueError(f"the cache was given twice ({' and '.join(name for name, _ in given)}); pass it once, as `cache`")
+        raise ValueError(
+            f"the cache was given twice ({' and '.join(name for name, _ in given)}); pass it once, as `cache`"
+        )
     return given[0][1] if given else None
 
 
 def model_output_class(name: str, module: str, doc: str, fields: list[tuple[str, object]]) -> type:
     """A ``ModelOutput`` dataclass ``name`` whose fields are ``fields`` (all defaulting to ``None``), where the field
     called ``"cache"`` takes the installed library's name for it (``CACHE_FIELD``)."""
-    spec = [(CACHE_FIELD if field == "cache" else field, annotation, dataclasses.field(default=None)) for field, annotation in fields]
+    spec = [
+        (CACHE_FIELD if field == "cache" else field, annotation, dataclasses.field(default=None))
+        for field, annotation in fields
+    ]
     cls = dataclasses.make_dataclass(name, spec, bases=(ModelOutput,))
     cls.__module__ = module
     cls.__qualname__ = name

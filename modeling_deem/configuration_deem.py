@@ -269,7 +269,9 @@ class DeemConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         if self.cross_attention_config.spatial_shapes is None:
             side = self.vision_config.image_size
-            self.cross_attention_config.spatial_shapes = [side // 2 ** (level + 2) for level in self.cross_attention_config.feature_levels]
+            self.cross_attention_config.spatial_shapes = [
+                side // 2 ** (level + 2) for level in self.cross_attention_config.feature_levels
+            ]
         self.validate_sizes()
 
     @property
@@ -280,23 +282,49 @@ class DeemConfig(PretrainedConfig):
         """Raise a ``ValueError`` naming the first pair of sizes that cannot work together."""
         checks = [
             (self.vision_config.embed_dim == self.image_embed_dim, "vision_config.embed_dim", "image_embed_dim"),
-            (self.perceiver_config.num_queries == self.num_image_tokens, "perceiver_config.num_queries", "num_image_tokens"),
-            (self.perceiver_config.encoder_hidden_size == self.image_embed_dim, "perceiver_config.encoder_hidden_size", "image_embed_dim"),
-            (self.decoder_perceiver_config.encoder_hidden_size == self.text_config.hidden_size, "decoder_perceiver_config.encoder_hidden_size", "text_config.hidden_size"),
+            (
+                self.perceiver_config.num_queries == self.num_image_tokens,
+                "perceiver_config.num_queries",
+                "num_image_tokens",
+            ),
+            (
+                self.perceiver_config.encoder_hidden_size == self.image_embed_dim,
+                "perceiver_config.encoder_hidden_size",
+                "image_embed_dim",
+            ),
+            (
+                self.decoder_perceiver_config.encoder_hidden_size == self.text_config.hidden_size,
+                "decoder_perceiver_config.encoder_hidden_size",
+                "text_config.hidden_size",
+            ),
             (self.text_config.vocab_size > self.box_end_token_id, "text_config.vocab_size", "the special token ids"),
-            (self.text_config.vocab_size - self.original_vocab_size >= 0, "text_config.vocab_size", "original_vocab_size"),
-            (len(self.cross_attention_config.spatial_shapes) == len(self.cross_attention_config.feature_levels), "cross_attention_config.spatial_shapes", "cross_attention_config.feature_levels"),
+            (
+                self.text_config.vocab_size - self.original_vocab_size >= 0,
+                "text_config.vocab_size",
+                "original_vocab_size",
+            ),
+            (
+                len(self.cross_attention_config.spatial_shapes) == len(self.cross_attention_config.feature_levels),
+                "cross_attention_config.spatial_shapes",
+                "cross_attention_config.feature_levels",
+            ),
         ]
         if self.diffusion_config is not None:
             checks += [
-                (self.decoder_perceiver_config.hidden_size == self.diffusion_config.unet["cross_attention_dim"], "decoder_perceiver_config.hidden_size", "diffusion_config.unet['cross_attention_dim']"),
+                (
+                    self.decoder_perceiver_config.hidden_size == self.diffusion_config.unet["cross_attention_dim"],
+                    "decoder_perceiver_config.hidden_size",
+                    "diffusion_config.unet['cross_attention_dim']",
+                ),
             ]
         for ok, a, b in checks:
             if not ok:
                 raise ValueError(f"DeemConfig: {a} does not fit {b}")
         for name in ("hidden_size",):
             if getattr(self.text_config, name) % self.cross_attention_config.num_heads:
-                raise ValueError(f"DeemConfig: text_config.{name} must be a multiple of cross_attention_config.num_heads")
+                raise ValueError(
+                    f"DeemConfig: text_config.{name} must be a multiple of cross_attention_config.num_heads"
+                )
         if self.image_embed_dim % self.cross_attention_config.num_heads:
             raise ValueError("DeemConfig: image_embed_dim must be a multiple of cross_attention_config.num_heads")
 
@@ -307,24 +335,75 @@ class DeemConfig(PretrainedConfig):
         Vocab 32006 with the real special ids would dominate the size, so the tiny model uses a 128-token vocab
         with the six DEEM tokens at 122..127 (``original_vocab_size`` 122, pad 121)."""
         kwargs = dict(
-            vision_config=dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), embed_dim=32, image_size=64, grid_size=4, drop_path_rate=0.0),
-            perceiver_config=dict(num_queries=4, hidden_size=32, encoder_hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-            text_config=dict(
-                vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                pad_token_id=121, tie_word_embeddings=False,
+            vision_config=dict(
+                depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), embed_dim=32, image_size=64, grid_size=4, drop_path_rate=0.0
             ),
-            cross_attention_config=dict(frequency=2, num_heads=16, num_points=2, base_spatial_shape=4, max_num_images=8),
-            decoder_perceiver_config=dict(num_queries=4, hidden_size=32, encoder_hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, cross_attention_frequency=1, qk_normalization=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            perceiver_config=dict(
+                num_queries=4,
+                hidden_size=32,
+                encoder_hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            text_config=dict(
+                vocab_size=128,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=256,
+                rms_norm_eps=1e-5,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=121,
+                tie_word_embeddings=False,
+            ),
+            cross_attention_config=dict(
+                frequency=2, num_heads=16, num_points=2, base_spatial_shape=4, max_num_images=8
+            ),
+            decoder_perceiver_config=dict(
+                num_queries=4,
+                hidden_size=32,
+                encoder_hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+                cross_attention_frequency=1,
+                qk_normalization=False,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
             diffusion_config=dict(
                 image_size=32,
                 unet=dict(
-                    SD21_BASE_UNET, attention_head_dim=[2, 4], block_out_channels=[16, 32], cross_attention_dim=32,
-                    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-                    layers_per_block=1, norm_num_groups=8, sample_size=8,
+                    SD21_BASE_UNET,
+                    attention_head_dim=[2, 4],
+                    block_out_channels=[16, 32],
+                    cross_attention_dim=32,
+                    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                    layers_per_block=1,
+                    norm_num_groups=8,
+                    sample_size=8,
                 ),
-                vae=dict(SD21_BASE_VAE, block_out_channels=[8, 16, 16], down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, norm_num_groups=4, sample_size=32),
-                side_attn_dim=32, side_num_heads=4, side_num_points=2, side_spatial_shapes=(16, 8, 4, 2), side_max_num_images=4,
+                vae=dict(
+                    SD21_BASE_VAE,
+                    block_out_channels=[8, 16, 16],
+                    down_block_types=["DownEncoderBlock2D"] * 3,
+                    up_block_types=["UpDecoderBlock2D"] * 3,
+                    layers_per_block=1,
+                    norm_num_groups=4,
+                    sample_size=32,
+                ),
+                side_attn_dim=32,
+                side_num_heads=4,
+                side_num_points=2,
+                side_spatial_shapes=(16, 8, 4, 2),
+                side_max_num_images=4,
             ),
             image_embed_dim=32,
             num_image_tokens=4,
@@ -342,4 +421,11 @@ class DeemConfig(PretrainedConfig):
         return cls(**kwargs)
 
 
-__all__ = ["DeemConfig", "DeemVisionConfig", "DeemPerceiverConfig", "DeemDecoderPerceiverConfig", "DeemCrossAttentionConfig", "DeemDiffusionConfig"]
+__all__ = [
+    "DeemConfig",
+    "DeemVisionConfig",
+    "DeemPerceiverConfig",
+    "DeemDecoderPerceiverConfig",
+    "DeemCrossAttentionConfig",
+    "DeemDiffusionConfig",
+]

@@ -11,12 +11,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 from transformers.cache_utils import DynamicCache
-from transformers.utils import ModelOutput
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .sequence_deem import check_sequence_inputs, cross_attention_visibility, left_align, pad_per_row as _pad_per_row
+from .sequence_deem import check_sequence_inputs, cross_attention_visibility, left_align
+from .sequence_deem import pad_per_row as _pad_per_row
 
 
 @dataclass
@@ -52,7 +58,14 @@ class DeemStreamer(TextIteratorStreamer):
     ``RuntimeError`` within ``poll_interval`` seconds; ``timeout`` (seconds without any new item) raises
     ``queue.Empty`` as in ``TextIteratorStreamer``."""
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, poll_interval: float = 0.05, **decode_kwargs):
+    def __init__(
+        self,
+        tokenizer,
+        skip_prompt: bool = False,
+        timeout: float | None = None,
+        poll_interval: float = 0.05,
+        **decode_kwargs,
+    ):
         super().__init__(tokenizer, skip_prompt=skip_prompt, timeout=timeout, **decode_kwargs)
         self.poll_interval = poll_interval
         self._producer: threading.Thread | None = None
@@ -108,7 +121,6 @@ class DeemGenerationMixin(GenerationMixin):
     """What ``DeemForInterleavedGeneration`` generates with; it reads ``self.model`` (``DeemModel``),
     ``self.image_decoder`` (``DeemImageDecoder``) and ``self.config``."""
 
-
     def generate(self, *args, **kwargs):
         """See ``_generate``. A streamer with ``fail`` (``DeemStreamer``) gets the exception if generation fails,
         so whoever iterates it is not left waiting."""
@@ -152,32 +164,54 @@ class DeemGenerationMixin(GenerationMixin):
             raise ValueError(f"soi must be 'draw', 'stop' or 'suppress', got {soi!r}")
         if input_ids is None:
             if kwargs.get("inputs_embeds") is None:
-                raise ValueError("generate needs input_ids (use the processor) or, for a text-only prompt, inputs_embeds")
+                raise ValueError(
+                    "generate needs input_ids (use the processor) or, for a text-only prompt, inputs_embeds"
+                )
             if soi == "draw" or pixel_values is not None:
-                raise ValueError("a prompt given as inputs_embeds is text only: pass input_ids for images or soi='draw'")
+                raise ValueError(
+                    "a prompt given as inputs_embeds is text only: pass input_ids for images or soi='draw'"
+                )
             self._text_mode_kwargs(kwargs, soi)
             return super().generate(attention_mask=attention_mask, **kwargs)
         if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("give input_ids or inputs_embeds, not both (the image placeholders are read from input_ids)")
+            raise ValueError(
+                "give input_ids or inputs_embeds, not both (the image placeholders are read from input_ids)"
+            )
         if right_padding not in ("left_align", "continue"):
             raise ValueError(f"right_padding must be 'left_align' or 'continue', got {right_padding!r}")
         if right_padding == "left_align":
             input_ids, attention_mask = left_align(input_ids, attention_mask, self.config.pad_token_id)
-        max_new = kwargs.get("max_new_tokens") or (kwargs.get("generation_config") or self.generation_config).max_new_tokens
+        max_new = (
+            kwargs.get("max_new_tokens") or (kwargs.get("generation_config") or self.generation_config).max_new_tokens
+        )
         limit = cfg.text_config.max_position_embeddings
         if max_new is not None and input_ids.shape[1] + max_new > limit:
-            raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new} exceeds the model's maximum of {limit} tokens")
+            raise ValueError(
+                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new} exceeds the model's "
+                f"maximum of {limit} tokens"
+            )
         # an assistant model (assisted decoding) gets the main model's encoded images, not pixels
-        encoded = pixel_values is None and (kwargs.get("image_embeds") is not None or kwargs.get("vision_states") is not None)
-        runs, per_row = check_sequence_inputs(self.config, input_ids, attention_mask, pixel_values, image_masks, num_images, images_encoded=encoded)
+        encoded = pixel_values is None and (
+            kwargs.get("image_embeds") is not None or kwargs.get("vision_states") is not None
+        )
+        runs, per_row = check_sequence_inputs(
+            self.config, input_ids, attention_mask, pixel_values, image_masks, num_images, images_encoded=encoded
+        )
         if soi == "draw":
-            return self._generate_interleaved(input_ids, attention_mask, pixel_values, image_masks, runs, per_row, **kwargs)
+            return self._generate_interleaved(
+                input_ids, attention_mask, pixel_values, image_masks, runs, per_row, **kwargs
+            )
         if pixel_values is not None and pixel_values.shape[0] > 0:
             enc = self.model.image_encoder(pixel_values.to(self.dtype), image_masks)
             states, shapes, starts = self.model.image_memory(enc, runs, per_row, input_ids.shape[0])
             # the image tokens travel per row (beam search / num_return_sequences expand them like every batch
             # input); each forward scatters them into the placeholders it is given (all of them without a cache)
-            kwargs.update(image_embeds=_pad_per_row(enc.llm_embeds, per_row), vision_states=self.model.project_vision_states(states), vision_spatial_shapes=shapes, image_starts=starts)
+            kwargs.update(
+                image_embeds=_pad_per_row(enc.llm_embeds, per_row),
+                vision_states=self.model.project_vision_states(states),
+                vision_spatial_shapes=shapes,
+                image_starts=starts,
+            )
         self._text_mode_kwargs(kwargs, soi)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -192,7 +226,9 @@ class DeemGenerationMixin(GenerationMixin):
             kwargs["eos_token_id"] = eos + [cfg.soi_token_id]
 
     @torch.no_grad()
-    def score_options(self, input_ids, options, attention_mask=None, pixel_values=None, image_masks=None, num_images=None):
+    def score_options(
+        self, input_ids, options, attention_mask=None, pixel_values=None, image_masks=None, num_images=None
+    ):
         """Log-likelihood of each answer option after each prompt (how yes/no and multiple-choice benchmarks are
         scored, §5.3). ``input_ids`` [B,L] left-padded prompts (with their images); ``options``: token-id lists
         (without ``<s>``), the same for every row. Returns [B, num_options]: the summed log-probabilities of the
@@ -213,7 +249,9 @@ class DeemGenerationMixin(GenerationMixin):
         ids, mask = torch.stack(rows), torch.stack(masks)
         pixels = image_masks_rep = counts = None
         if pixel_values is not None:
-            _, per_row = check_sequence_inputs(self.config, input_ids, attention_mask, pixel_values, image_masks, num_images)
+            _, per_row = check_sequence_inputs(
+                self.config, input_ids, attention_mask, pixel_values, image_masks, num_images
+            )
             groups = list(pixel_values.split(per_row.tolist()))
             pixels = torch.cat([g for g in groups for _ in range(n_opt)])
             if image_masks is not None:
@@ -221,7 +259,15 @@ class DeemGenerationMixin(GenerationMixin):
                 image_masks_rep = torch.cat([g for g in mgroups for _ in range(n_opt)])
             counts = per_row.repeat_interleave(n_opt)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_masks=image_masks_rep, num_images=counts, position_ids=position_ids, return_loss=False).logits
+        logits = self(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            image_masks=image_masks_rep,
+            num_images=counts,
+            position_ids=position_ids,
+            return_loss=False,
+        ).logits
         logprobs = logits[:, input_ids.shape[1] - 1 : -1].float().log_softmax(-1)
         option_ids = ids[:, input_ids.shape[1] :]
         picked = logprobs.gather(-1, option_ids[..., None]).squeeze(-1)
@@ -229,7 +275,9 @@ class DeemGenerationMixin(GenerationMixin):
         return (picked * valid).sum(-1).view(batch, n_opt)
 
     @torch.no_grad()
-    def generate_images(self, input_ids, attention_mask=None, pixel_values=None, image_masks=None, num_images=None, **kwargs):
+    def generate_images(
+        self, input_ids, attention_mask=None, pixel_values=None, image_masks=None, num_images=None, **kwargs
+    ):
         """Text-to-image (and image-conditioned image generation): each prompt row gets ``<|startofimage|>``
         appended and one image drawn from its context. Left-padded prompts; ``kwargs`` as in interleaved
         ``generate`` (``num_inference_steps``, ``guidance_scale``, ``generator``, ...). Returns a list of
@@ -237,9 +285,19 @@ class DeemGenerationMixin(GenerationMixin):
         cfg = self.config
         soi = torch.full((input_ids.shape[0], 1), cfg.soi_token_id, dtype=input_ids.dtype, device=input_ids.device)
         ids = torch.cat([input_ids, soi], 1)
-        mask = torch.cat([attention_mask if attention_mask is not None else torch.ones_like(input_ids), torch.ones_like(soi)], 1)
+        mask = torch.cat(
+            [attention_mask if attention_mask is not None else torch.ones_like(input_ids), torch.ones_like(soi)], 1
+        )
         kwargs.setdefault("max_new_tokens", 0)
-        out = self.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_masks=image_masks, num_images=num_images, soi="draw", **kwargs)
+        out = self.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixel_values,
+            image_masks=image_masks,
+            num_images=num_images,
+            soi="draw",
+            **kwargs,
+        )
         return [row[0] for row in out.images]
 
     def image_pipeline(self, scheduler=None):
@@ -295,7 +353,10 @@ class DeemGenerationMixin(GenerationMixin):
         if unknown:
             raise TypeError(f"unexpected arguments for interleaved generation (soi='draw'): {sorted(unknown)}")
         if generation_config.num_beams != 1:
-            raise ValueError("interleaved generation (soi='draw') supports greedy decoding and sampling, not beam search: pass soi='stop' or 'suppress' for beams")
+            raise ValueError(
+                "interleaved generation (soi='draw') supports greedy decoding and sampling, not beam search: pass "
+                "soi='stop' or 'suppress' for beams"
+            )
         if max_new_tokens is None:
             max_new_tokens = generation_config.max_new_tokens if generation_config.max_new_tokens is not None else 64
         if max_new_tokens < 0:
@@ -304,17 +365,25 @@ class DeemGenerationMixin(GenerationMixin):
         output_scores, output_logits = bool(generation_config.output_scores), bool(generation_config.output_logits)
         repeat = generation_config.num_return_sequences or 1
         if repeat > 1:
-            input_ids, attention_mask, pixel_values, image_masks, per_row = _repeat_rows(input_ids, attention_mask, pixel_values, image_masks, per_row, repeat)
+            input_ids, attention_mask, pixel_values, image_masks, per_row = _repeat_rows(
+                input_ids, attention_mask, pixel_values, image_masks, per_row, repeat
+            )
             runs = check_sequence_inputs(cfg, input_ids, attention_mask, pixel_values, image_masks)[0]
         batch, q = input_ids.shape[0], cfg.num_image_tokens
         limit = cfg.text_config.max_position_embeddings
         worst = input_ids.shape[1] + max_new_tokens + max_new_images * q
         if worst > limit:
-            raise ValueError(f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} + {max_new_images} image(s) x {q} tokens = {worst} exceeds the model's maximum of {limit} tokens")
+            raise ValueError(
+                f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} + {max_new_images} image(s) x {q} "
+                f"tokens = {worst} exceeds the model's maximum of {limit} tokens"
+            )
         capacity = cfg.cross_attention_config.max_num_images
         most = int(per_row.max()) if per_row.numel() else 0
         if most + max_new_images > capacity:
-            raise ValueError(f"a row may hold at most {capacity} images (cross_attention_config.max_num_images): {most} in the prompt + max_new_images {max_new_images} is too many")
+            raise ValueError(
+                f"a row may hold at most {capacity} images (cross_attention_config.max_num_images): {most} in the "
+                f"prompt + max_new_images {max_new_images} is too many"
+            )
         eos = generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id])
         pad = cfg.pad_token_id if generation_config.pad_token_id is None else generation_config.pad_token_id
@@ -326,10 +395,15 @@ class DeemGenerationMixin(GenerationMixin):
         generation_config.max_new_tokens = None
         self._prepare_special_tokens(generation_config, True, device=input_ids.device)
         warpers = self._get_logits_processor(
-            generation_config=generation_config, input_ids_seq_length=input_ids.shape[1], logits_processor=LogitsProcessorList(list(logits_processor or [])),
-            device=input_ids.device, model_kwargs={"attention_mask": attention_mask},
+            generation_config=generation_config,
+            input_ids_seq_length=input_ids.shape[1],
+            logits_processor=LogitsProcessorList(list(logits_processor or [])),
+            device=input_ids.device,
+            model_kwargs={"attention_mask": attention_mask},
         )
-        criteria = self._get_stopping_criteria(generation_config=generation_config, stopping_criteria=StoppingCriteriaList(list(stopping_criteria or [])))
+        criteria = self._get_stopping_criteria(
+            generation_config=generation_config, stopping_criteria=StoppingCriteriaList(list(stopping_criteria or []))
+        )
         device = input_ids.device
         ids = input_ids.clone()
         mask = attention_mask.clone() if attention_mask is not None else torch.ones_like(ids)
@@ -366,8 +440,16 @@ class DeemGenerationMixin(GenerationMixin):
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
             xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None
             out = self(
-                inputs_embeds=chunk_embeds, attention_mask=mask, position_ids=positions, cache=cache if use_cache else None, use_cache=use_cache,
-                vision_states=vision, vision_spatial_shapes=shapes, image_starts=starts, cross_attention_mask=xmask, return_loss=False,
+                inputs_embeds=chunk_embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache if use_cache else None,
+                use_cache=use_cache,
+                vision_states=vision,
+                vision_spatial_shapes=shapes,
+                image_starts=starts,
+                cross_attention_mask=xmask,
+                return_loss=False,
             )
             if not use_cache:
                 hidden_history.clear()
@@ -379,14 +461,25 @@ class DeemGenerationMixin(GenerationMixin):
         logits = step(embeds)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         pending = (ids[:, -1] == cfg.soi_token_id) & (mask[:, -1] == 1)  # a prompt that ends in <|startofimage|>
-        if bool(pending.any()):
+
+        def draw_rows(rows_mask, why):
+            """Draw for the rows that just fed <|startofimage|>: (ids, mask) with the image chunk, the chunk's
+            embeddings to feed, and the rows."""
             if pipe is None:
-                raise ValueError("the prompt asks for an image (<|startofimage|>) but the model has no diffusion weights")
-            rows = pending.nonzero().squeeze(1)
-            chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, (num_inference_steps, guidance_scale, height, width), streamer)
-            ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
-            image_logits = step(chunk)
-            logits[rows] = image_logits[rows]
+                raise ValueError(why)
+            rows = rows_mask.nonzero().squeeze(1)
+            sampling = (num_inference_steps, guidance_scale, height, width)
+            history = torch.cat(hidden_history, 1)
+            chunk, fill, chunk_mask = self._draw_images(
+                pipe, rows, ids, mask, memory, drawn, history, gens, sampling, streamer
+            )
+            new_ids, new_mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
+            return new_ids, new_mask, chunk, rows
+
+        if bool(pending.any()):
+            why = "the prompt asks for an image (<|startofimage|>) but the model has no diffusion weights"
+            ids, mask, chunk, rows = draw_rows(pending, why)
+            logits[rows] = step(chunk)[rows]
         all_scores, all_logits = [], []
         for _ in range(max_new_tokens):
             if output_logits:
@@ -414,13 +507,9 @@ class DeemGenerationMixin(GenerationMixin):
             logits = step(self.model.embed(token[:, None], None))
             draw = (token == cfg.soi_token_id) & ~finished
             if bool(draw.any()):
-                if pipe is None:
-                    raise ValueError("the model emitted <|startofimage|> but has no diffusion weights; use soi='stop' or 'suppress' for text only")
-                rows = draw.nonzero().squeeze(1)
-                chunk, fill, chunk_mask = self._draw_images(pipe, rows, ids, mask, memory, drawn, torch.cat(hidden_history, 1), gens, (num_inference_steps, guidance_scale, height, width), streamer)
-                ids, mask = torch.cat([ids, fill], 1), torch.cat([mask, chunk_mask], 1)
-                image_logits = step(chunk)
-                logits[rows] = image_logits[rows]
+                why = "the model emitted <|startofimage|> but has no diffusion weights; use soi='stop' or 'suppress'"
+                ids, mask, chunk, rows = draw_rows(draw, why + " for text only")
+                logits[rows] = step(chunk)[rows]
             if bool(finished.all()):
                 break
         if streamer is not None:
@@ -429,7 +518,8 @@ class DeemGenerationMixin(GenerationMixin):
             sequences=ids,
             attention_mask=mask,
             images=drawn,
-            scores=tuple(all_scores) if output_scores else None, logits=tuple(all_logits) if output_logits else None,
+            scores=tuple(all_scores) if output_scores else None,
+            logits=tuple(all_logits) if output_logits else None,
         )
 
     def _memory_tensors(self, memory, batch, device):
@@ -465,7 +555,9 @@ class DeemGenerationMixin(GenerationMixin):
             keep = (mask[b, start:] == 1).nonzero().squeeze(1) + start  # skip padding from other rows' images
             n = keep.shape[0]
             zero = torch.zeros(1, dtype=torch.long, device=device)
-            ctx, ctx_mask = self.image_decoder.context_features(hidden[b, keep][None], zero, torch.tensor([n - 1], device=device), zero)
+            ctx, ctx_mask = self.image_decoder.context_features(
+                hidden[b, keep][None], zero, torch.tensor([n - 1], device=device), zero
+            )
             conds.append(self.image_decoder.decoder_perceiver(ctx, ctx_mask))
             previous = [maps for first, maps in memory[b] if first > start]
             if previous:
@@ -480,11 +572,20 @@ class DeemGenerationMixin(GenerationMixin):
         gen = [gens[b] for b in rows.tolist()] if gens[0] is not None else None
         steps, guidance, height, width = sampling
         pictures = pipe(
-            prompt_embeds=cond, side_features=side, side_mask=side_mask, num_inference_steps=steps, guidance_scale=guidance,
-            height=height, width=width, generator=gen, output_type="pt",
+            prompt_embeds=cond,
+            side_features=side,
+            side_mask=side_mask,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            generator=gen,
+            output_type="pt",
         ).images
         size = cfg.vision_config.image_size
-        view = F.interpolate(pictures.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        view = F.interpolate(
+            pictures.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0, 1)
         enc = self.model.image_encoder(view.to(self.dtype), None)
         q = cfg.num_image_tokens
         chunk = torch.zeros(ids.shape[0], q, enc.llm_embeds.shape[-1], device=device, dtype=enc.llm_embeds.dtype)
@@ -506,11 +607,22 @@ class DeemGenerationMixin(GenerationMixin):
             if images:
                 return images[0][1]
         side, e = self.config.vision_config.image_size, self.config.image_embed_dim
-        return [torch.zeros(e, side // 2 ** (level + 2), side // 2 ** (level + 2), device=device, dtype=self.dtype) for level in range(4)]
+        return [
+            torch.zeros(e, side // 2 ** (level + 2), side // 2 ** (level + 2), device=device, dtype=self.dtype)
+            for level in range(4)
+        ]
 
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs):
-        inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs)
-        new = inputs["inputs_embeds"].shape[1] if inputs.get("inputs_embeds") is not None else inputs["input_ids"].shape[1]
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs
+    ):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs
+        )
+        new = (
+            inputs["inputs_embeds"].shape[1]
+            if inputs.get("inputs_embeds") is not None
+            else inputs["input_ids"].shape[1]
+        )
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
             # positions count real tokens, so right-padded prompts continue correctly (as the original's cascade
@@ -519,7 +631,9 @@ class DeemGenerationMixin(GenerationMixin):
             inputs["position_ids"] = positions[:, -new:]
         if vision_states is not None:
             # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
-            inputs["cross_attention_mask"] = cross_attention_visibility(input_ids, image_starts, self.config.bos_token_id)[:, -new:]
+            inputs["cross_attention_mask"] = cross_attention_visibility(
+                input_ids, image_starts, self.config.bos_token_id
+            )[:, -new:]
         return inputs
 
 

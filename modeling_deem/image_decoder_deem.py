@@ -55,7 +55,9 @@ class DeemImageDecoder(nn.Module):
             self.unet = UNet2DConditionModel.from_config(dcfg.unet)
             self.vae = AutoencoderKL.from_config(dcfg.vae)
             self.unet_side = DeemUNetSideNetwork(dcfg, config.image_embed_dim)
-            self.null_condition = nn.Parameter(torch.zeros(1, config.decoder_perceiver_config.num_queries, dcfg.unet["cross_attention_dim"]))
+            self.null_condition = nn.Parameter(
+                torch.zeros(1, config.decoder_perceiver_config.num_queries, dcfg.unet["cross_attention_dim"])
+            )
             self.noise_scheduler = DDPMScheduler.from_config(dcfg.scheduler)
             self.vae.requires_grad_(False)
         else:
@@ -98,14 +100,24 @@ class DeemImageDecoder(nn.Module):
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         return mean, std
 
-    def denoising_loss(self, posterior, condition, side_features, side_mask, draws: DiffusionDraws, timestep_map, generator):
+    def denoising_loss(
+        self, posterior, condition, side_features, side_mask, draws: DiffusionDraws, timestep_map, generator
+    ):
         """Per-element epsilon MSE [N,4,h,w] (fp32) of the UNet + side network on noised latents (§2.9)."""
         mean, std = posterior
         n = mean.shape[0]
         sched = self.noise_scheduler
-        eps = draws.latent_noise if draws.latent_noise is not None else torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = (
+            draws.latent_noise
+            if draws.latent_noise is not None
+            else torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        )
         latents = (mean + std * eps.to(mean)) * self.vae.config.scaling_factor
-        noise = draws.noise if draws.noise is not None else torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = (
+            draws.noise
+            if draws.noise is not None
+            else torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        )
         noise = noise.to(latents)
         t = draws.timesteps
         if t is None:
@@ -131,7 +143,17 @@ class DeemImageDecoder(nn.Module):
 
     # ------------------------------------------------------------------ the two losses
 
-    def loss_csr(self, condition, region_features, latent_mask, posterior, draws: DiffusionDraws, generator, timestep_map=None, per_image: bool = False):
+    def loss_csr(
+        self,
+        condition,
+        region_features,
+        latent_mask,
+        posterior,
+        draws: DiffusionDraws,
+        generator,
+        timestep_map=None,
+        per_image: bool = False,
+    ):
         """Consistency semantic regularisation (§4.3): reconstruct each image from the encoder's own reading.
 
         ``condition`` [N,Q,C] (the encoder's ``diffusion_condition``), ``region_features`` its 4 side maps
@@ -140,13 +162,17 @@ class DeemImageDecoder(nn.Module):
         n = condition.shape[0]
         side = [f[:, None] for f in region_features]
         side_mask = torch.ones(n, 1, device=condition.device, dtype=condition.dtype)
-        loss_map = self.denoising_loss(posterior, condition, side, side_mask, draws, timestep_map or self.csr_timesteps, generator)
+        loss_map = self.denoising_loss(
+            posterior, condition, side, side_mask, draws, timestep_map or self.csr_timesteps, generator
+        )
         if latent_mask is not None:
             m = latent_mask.to(loss_map.dtype)
             loss_map = loss_map * m * (m[0].numel() / (m.sum(dim=(1, 2, 3), keepdim=True) + 1e-8))
         return loss_map.flatten(1).mean(1) if per_image else loss_map.mean()
 
-    def loss_nip(self, hidden, multiscale_features, image_rows, soi_pos, starts, posterior, draws: DiffusionDraws, generator):
+    def loss_nip(
+        self, hidden, multiscale_features, image_rows, soi_pos, starts, posterior, draws: DiffusionDraws, generator
+    ):
         """Next-image prediction (§4.2): images whose context is longer than ``<s><soi>`` are denoised from the
         decoder perceiver's reading of the LLM context; mean over all images' elements as the original."""
         n = soi_pos.shape[0]
@@ -164,7 +190,9 @@ class DeemImageDecoder(nn.Module):
         side, side_mask = self.previous_image_features(multiscale_features, image_rows, soi_pos, starts)
         side = [f[sel] for f in side]
         posterior = tuple(p[sel.to(p.device)] for p in posterior)
-        loss_map = self.denoising_loss(posterior, condition, side, side_mask[sel], draws.select(sel), lambda t: t, generator)
+        loss_map = self.denoising_loss(
+            posterior, condition, side, side_mask[sel], draws.select(sel), lambda t: t, generator
+        )
         return loss_map.sum() / (n * loss_map[0].numel())
 
     @staticmethod

@@ -152,7 +152,8 @@ def deformable_sampling(value, spatial_shapes, reference_points, offsets, level_
 
 
 def relative_image_index(image_mask: torch.Tensor) -> torch.Tensor:
-    """[..., n_img] mask -> [..., n_img] long: the most recent visible image is 1, the one before 2, ...; invisible 0."""
+    """[..., n_img] mask -> [..., n_img] long: the most recent visible image is 1, the one before 2, ...;
+    invisible 0."""
     visible = image_mask > 0
     count = visible.flip(-1).long().cumsum(-1).flip(-1)
     return count * visible
@@ -261,7 +262,9 @@ class MultiScaleDeformableAttention(nn.Module):
         value = values if values_projected else self.project_values(values)
         n_img, seq = value.shape[1], value.shape[2]
         if seq != sum(h * w for h, w in shapes):
-            raise ValueError(f"values have {seq} positions per image, spatial_shapes {shapes} give {sum(h * w for h, w in shapes)}")
+            raise ValueError(
+                f"values have {seq} positions per image, spatial_shapes {shapes} give {sum(h * w for h, w in shapes)}"
+            )
         if n_img >= self.max_num_images:
             raise ValueError(f"{n_img} images per row; query_relpos has room for {self.max_num_images - 1}")
         dtype = value.dtype
@@ -341,7 +344,12 @@ class DeemGatedCrossAttention(nn.Module):
     @classmethod
     def from_config(cls, config) -> "DeemGatedCrossAttention":
         """Build from a [`DeemConfig`]."""
-        return cls(config.text_config.hidden_size, config.image_embed_dim, config.cross_attention_config, config.text_config.rms_norm_eps)
+        return cls(
+            config.text_config.hidden_size,
+            config.image_embed_dim,
+            config.cross_attention_config,
+            config.text_config.rms_norm_eps,
+        )
 
     def project_vision_states(self, vision_states: torch.Tensor) -> torch.Tensor:
         """[B, n_img, S, image_embed_dim] -> [B, n_img, S, image_embed_dim] (``norm_value`` + ``value_proj``).
@@ -362,7 +370,13 @@ class DeemGatedCrossAttention(nn.Module):
         [B, L', n_img] (L' = L, or any length during cached decoding: its last row is used) or [B, n_img]
         -> residual [B, L, H]."""
         value = vision_states if vision_states_projected else self.project_vision_states(vision_states)
-        out = self.attn(self.norm_query(hidden_states), value, cross_attention_mask, spatial_shapes=spatial_shapes, values_projected=True)
+        out = self.attn(
+            self.norm_query(hidden_states),
+            value,
+            cross_attention_mask,
+            spatial_shapes=spatial_shapes,
+            values_projected=True,
+        )
         return out * torch.tanh(self.gate).to(out.dtype)
 
 
@@ -487,7 +501,14 @@ class DeemSideBlock(nn.Module):
         ys = (torch.arange(h, device=sample.device, dtype=sample.dtype) + 0.5) / h
         xs = (torch.arange(w, device=sample.device, dtype=sample.dtype) + 0.5) / w
         reference = torch.stack([xs.repeat(h), ys.repeat_interleave(w)], dim=-1)  # [h*w, 2], x first
-        out = self.attn(query, projected_features, mask, spatial_shapes=spatial_shapes, reference_points=reference, values_projected=True)
+        out = self.attn(
+            query,
+            projected_features,
+            mask,
+            spatial_shapes=spatial_shapes,
+            reference_points=reference,
+            values_projected=True,
+        )
         return self.conv(out.transpose(1, 2).reshape(n, c, h, w))
 
 
@@ -509,7 +530,9 @@ class DeemUNetSideNetwork(nn.Module):
         if bases is None:
             bases = [side for _, side in skips] + [mid_side]
         if len(bases) != len(skips) + 1:
-            raise ValueError(f"side_base_spatial_shapes has {len(bases)} entries; the UNet needs {len(skips)} skips + 1 mid")
+            raise ValueError(
+                f"side_base_spatial_shapes has {len(bases)} entries; the UNet needs {len(skips)} skips + 1 mid"
+            )
         self.skip_layout = skips
         self.down_blocks = nn.ModuleList(
             DeemSideBlock(c, feature_dim, base, latent_size, config) for (c, _), base in zip(skips, bases[:-1])
@@ -541,18 +564,25 @@ class DeemUNetSideNetwork(nn.Module):
         output); features: four maps [N, n_img, C, h_l, w_l] or a [`DeemSideFeatures`]; mask [N, n_img]
         (1 = image present) -> (tuple of down residuals, mid residual)."""
         if len(down_block_res_samples) != len(self.down_blocks):
-            raise ValueError(f"the UNet gave {len(down_block_res_samples)} skip samples, the side network has {len(self.down_blocks)} blocks")
+            raise ValueError(
+                f"the UNet gave {len(down_block_res_samples)} skip samples, the side network has "
+                f"{len(self.down_blocks)} blocks"
+            )
         if not isinstance(features, DeemSideFeatures):
             features = self.project_features(features)
         if features.values[0].shape[0] != mid_sample.shape[0]:
-            raise ValueError(f"side features have batch {features.values[0].shape[0]}, the UNet sample {mid_sample.shape[0]}")
+            raise ValueError(
+                f"side features have batch {features.values[0].shape[0]}, the UNet sample {mid_sample.shape[0]}"
+            )
         mask = mask.reshape(mask.shape[0], -1)
         residuals = []
         for block, sample, value in zip(self.blocks(), (*down_block_res_samples, mid_sample), features.values):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 checkpoint = getattr(self, "_gradient_checkpointing_func", None)
                 if checkpoint is None:
-                    res = torch.utils.checkpoint.checkpoint(block, sample, value, features.spatial_shapes, mask, use_reentrant=False)
+                    res = torch.utils.checkpoint.checkpoint(
+                        block, sample, value, features.spatial_shapes, mask, use_reentrant=False
+                    )
                 else:  # set by transformers' gradient_checkpointing_enable
                     res = checkpoint(block, sample, value, features.spatial_shapes, mask)
             else:
@@ -574,7 +604,10 @@ def check_unet_supported(unet) -> None:
     if getattr(unet, "position_net", None) is not None:
         problems.append(f"attention_type={cfg.get('attention_type')!r}")
     if problems:
-        raise ValueError("unet_forward_with_side drives plain text-conditioned UNets (SD-1/2 family); this UNet uses " + ", ".join(problems))
+        raise ValueError(
+            "unet_forward_with_side drives plain text-conditioned UNets (SD-1/2 family); this UNet uses "
+            + ", ".join(problems)
+        )
 
 
 def unet_forward_with_side(

@@ -139,7 +139,13 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         if self.cross_attn is not None and vision_states is not None:
             projected = vision_states.dim() == 5  # [B, K, N, S, E]: per cross-attention layer, already projected
             states = vision_states[:, self.cross_index] if projected else vision_states
-            hidden_states = hidden_states + self.cross_attn(hidden_states, states, cross_attention_mask, spatial_shapes=vision_spatial_shapes, vision_states_projected=projected)
+            hidden_states = hidden_states + self.cross_attn(
+                hidden_states,
+                states,
+                cross_attention_mask,
+                spatial_shapes=vision_spatial_shapes,
+                vision_states_projected=projected,
+            )
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states, attn_weights
@@ -238,7 +244,9 @@ class DeemTextHead(nn.Module):
         """Grow or shrink to ``vocab`` ids (>= ``original_vocab_size``); kept rows keep their weights, added rows
         start as the original initialises new tokens; each part keeps its ``requires_grad``."""
         if vocab < self.original_vocab_size:
-            raise ValueError(f"the vocabulary cannot shrink below original_vocab_size={self.original_vocab_size}, got {vocab}")
+            raise ValueError(
+                f"the vocabulary cannot shrink below original_vocab_size={self.original_vocab_size}, got {vocab}"
+            )
         old = self.base
         base = nn.Linear(old.in_features, vocab, bias=True, device=old.weight.device, dtype=old.weight.dtype)
         keep = min(vocab, old.out_features)
@@ -257,7 +265,9 @@ class DeemTextHead(nn.Module):
         old = self.new_tokens
         rows = vocab - self.original_vocab_size
         if rows < 0:
-            raise ValueError(f"the base rows hold {vocab} ids, fewer than original_vocab_size={self.original_vocab_size}")
+            raise ValueError(
+                f"the base rows hold {vocab} ids, fewer than original_vocab_size={self.original_vocab_size}"
+            )
         if rows == old.out_features:
             return
         new = nn.Linear(old.in_features, rows, bias=True, device=old.weight.device, dtype=old.weight.dtype)
@@ -315,7 +325,9 @@ LEGACY_KEY_PREFIXES = (
     ("null_condition", "image_decoder.null_condition"),
 )
 # the same as ``from_pretrained(key_mapping=...)`` regexes (anchored: current keys never match)
-LEGACY_KEY_MAPPING = {"^" + re.escape(old) + ("" if old.endswith(".") else "$"): new for old, new in LEGACY_KEY_PREFIXES}
+LEGACY_KEY_MAPPING = {
+    "^" + re.escape(old) + ("" if old.endswith(".") else "$"): new for old, new in LEGACY_KEY_PREFIXES
+}
 
 
 def _rename(key: str, pairs) -> str:
@@ -342,7 +354,14 @@ class DeemPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeemDecoderLayer", "DeemImageEncoder", "DeemPerceiver", "UNet2DConditionModel", "DeemUNetSideNetwork", "AutoencoderKL"]
+    _no_split_modules = [
+        "DeemDecoderLayer",
+        "DeemImageEncoder",
+        "DeemPerceiver",
+        "UNet2DConditionModel",
+        "DeemUNetSideNetwork",
+        "AutoencoderKL",
+    ]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     # the VAE encodes in fp32 (§2.9) under fp16 and bf16 alike; the CLIP mean/std and the fixed sin-cos position
     # tables stay fp32 buffers wherever they live
@@ -368,7 +387,10 @@ class DeemPreTrainedModel(PreTrainedModel):
         if per_part is not None:
             unknown = sorted(set(per_part) - {"", "default"} - set(DeemConfig.sub_configs))
             if unknown:
-                raise ValueError(f"dtype keys {unknown} are not sub-configs of DeemConfig; use '' (the rest) and {sorted(DeemConfig.sub_configs)}")
+                raise ValueError(
+                    f"dtype keys {unknown} are not sub-configs of DeemConfig; use '' (the rest) and "
+                    f"{sorted(DeemConfig.sub_configs)}"
+                )
             kwargs["dtype"] = per_part.get("", per_part.get("default", torch.float32))
         want_info = kwargs.pop("output_loading_info", False)
         if strict:
@@ -376,15 +398,26 @@ class DeemPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
             problems = []
-            for key, label in (("missing_keys", "missing from the checkpoint"), ("unexpected_keys", "not in the model"), ("mismatched_keys", "with the wrong shape")):
+            for key, label in (
+                ("missing_keys", "missing from the checkpoint"),
+                ("unexpected_keys", "not in the model"),
+                ("mismatched_keys", "with the wrong shape"),
+            ):
                 keys = info.get(key) or []
                 if keys:
-                    names = sorted(k if isinstance(k, str) else f"{k[0]} (checkpoint {tuple(k[1])} vs model {tuple(k[2])})" for k in keys)
+                    names = sorted(
+                        k if isinstance(k, str) else f"{k[0]} (checkpoint {tuple(k[1])} vs model {tuple(k[2])})"
+                        for k in keys
+                    )
                     problems.append(f"{len(names)} key(s) {label}: {', '.join(names)}")
             if problems:
                 advice = "strict=False, ignore_mismatched_sizes=True" if info.get("mismatched_keys") else "strict=False"
                 where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-                raise ValueError(f"weights at {where} do not match the DeemConfig: " + "; ".join(problems) + f" (pass {advice} to load anyway)")
+                raise ValueError(
+                    f"weights at {where} do not match the DeemConfig: "
+                    + "; ".join(problems)
+                    + f" (pass {advice} to load anyway)"
+                )
         if per_part is not None:
             model._cast_sub_models(per_part)
         return (model, info) if want_info else model
@@ -396,15 +429,22 @@ class DeemPreTrainedModel(PreTrainedModel):
             ("perceiver_config", [base.image_encoder]),
             ("vision_config", [base.image_encoder.backbone]),
             ("text_config", [base.language_model] + ([self.lm_head] if hasattr(self, "lm_head") else [])),
-            ("cross_attention_config", [layer.cross_attn for layer in base.language_model.layers if layer.cross_attn is not None]),
+            (
+                "cross_attention_config",
+                [layer.cross_attn for layer in base.language_model.layers if layer.cross_attn is not None],
+            ),
         ]
         decoder = getattr(self, "image_decoder", None)
         if decoder is not None:
-            parts += [("decoder_perceiver_config", [decoder.decoder_perceiver]), ("diffusion_config", [m for m in (decoder.unet, decoder.unet_side) if m is not None])]
+            parts += [
+                ("decoder_perceiver_config", [decoder.decoder_perceiver]),
+                ("diffusion_config", [m for m in (decoder.unet, decoder.unet_side) if m is not None]),
+            ]
         return parts
 
     def _cast_sub_models(self, dtypes: dict):
-        """Cast each sub-model to its dtype in ``dtypes`` (sub-config name -> dtype); fp32 buffers and the VAE stay fp32."""
+        """Cast each sub-model to its dtype in ``dtypes`` (sub-config name -> dtype); fp32 buffers and the VAE
+        stay fp32."""
         keep = set(self._keep_in_fp32_modules or [])
         rest = dtypes.get("", dtypes.get("default", torch.float32))
         for key, modules in self._sub_model_modules():  # a part not named gets the rest's dtype
@@ -490,7 +530,6 @@ class DeemPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
 
-
 class DeemModel(DeemPreTrainedModel):
     """The image encoder (ConvNeXt + adapters + perceiver, ``image_encoder``), the LLM with its gated
     cross-attention (``language_model``) and the learnable ``<|startofimage|>`` vector (``soi_embedding``):
@@ -528,7 +567,14 @@ class DeemModel(DeemPreTrainedModel):
     def set_decoder(self, decoder):
         self.language_model = decoder
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_masks: torch.Tensor | None = None, return_dict: bool | None = None, output_hidden_states: bool | None = None, **kwargs):
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_masks: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ):
         """Encode images [N,3,S,S] in [0,1]: a ``DeemImageEncoderOutput`` whose ``last_hidden_state`` [N,Q,H] are
         the image tokens the LLM reads (also ``llm_embeds``), ``pooler_output`` the perceiver output, and
         ``hidden_states`` (with ``output_hidden_states``) the four multi-scale maps; a tuple with
@@ -611,14 +657,21 @@ class DeemModel(DeemPreTrainedModel):
             use_cache = bool(getattr(cfg.text_config, "use_cache", True)) and not self.training
         if output_attentions and cfg.text_config._attn_implementation not in (None, "eager"):
             raise ValueError(
-                f"output_attentions=True needs the eager attention, but the LLM uses {cfg.text_config._attn_implementation!r}: "
+                "output_attentions=True needs the eager attention, but the LLM uses "
+                f"{cfg.text_config._attn_implementation!r}: "
                 "load with attn_implementation='eager' (or {'text_config': 'eager'})"
             )
         past_len = cache.get_seq_length() if cache is not None else 0
         runs = per_row = None
         if input_ids is not None and not is_tracing(input_ids):
             runs, per_row = check_sequence_inputs(
-                cfg, input_ids, attention_mask, pixel_values, image_masks, num_images, past_len,
+                cfg,
+                input_ids,
+                attention_mask,
+                pixel_values,
+                image_masks,
+                num_images,
+                past_len,
                 images_encoded=pixel_values is None and (vision_states is not None or image_embeds is not None),
             )
         elif pixel_values is not None:
@@ -630,13 +683,18 @@ class DeemModel(DeemPreTrainedModel):
             if pixel_values.shape[0] > 0:
                 enc = self.image_encoder(_as_dtype(pixel_values, self.dtype), image_masks)
                 image_embeds = enc.llm_embeds
-                vision_states, vision_spatial_shapes, image_starts = self.image_memory(enc, runs, per_row, input_ids.shape[0])
+                vision_states, vision_spatial_shapes, image_starts = self.image_memory(
+                    enc, runs, per_row, input_ids.shape[0]
+                )
                 cross_attention_mask = None
         elif image_embeds is not None and per_row is not None:
             image_embeds = unpad_per_row(image_embeds, per_row)
         if vision_states is not None and cross_attention_mask is None:
             if input_ids is None or image_starts is None or past_len:
-                raise ValueError("cached decoding with vision_states needs the new tokens' cross_attention_mask (generate() passes it)")
+                raise ValueError(
+                    "cached decoding with vision_states needs the new tokens' cross_attention_mask "
+                    "(generate() passes it)"
+                )
             cross_attention_mask = cross_attention_visibility(input_ids, image_starts, cfg.bos_token_id)
         if cross_attention_mask is not None and vision_states is not None:
             cross_attention_mask = cross_attention_mask.to(vision_states.dtype)
@@ -647,7 +705,9 @@ class DeemModel(DeemPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg.text_config)
         if position_ids is None:  # as LlamaModel: consecutive positions (RoPE makes left padding harmless)
-            position_ids = torch.arange(past_len, past_len + length, device=inputs_embeds.device)[None].expand(batch, -1)
+            position_ids = torch.arange(past_len, past_len + length, device=inputs_embeds.device)[None].expand(
+                batch, -1
+            )
         hidden, all_hidden, all_attentions = self.language_model(
             inputs_embeds,
             attention_mask,
@@ -689,7 +749,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         self.post_init()
         # saved checkpoints load through AutoModel (register_for_auto_class below) and the task class
         auto_map = dict(getattr(config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForImageTextToText", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}")
+        auto_map.setdefault(
+            "AutoModelForImageTextToText", f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        )
         config.auto_map = auto_map
 
     # ``push_to_hub`` writes README.md with this callable (save_directory, config, repo_id, num_parameters=...) when
@@ -726,7 +788,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, image_masks: torch.Tensor | None = None, **kwargs):
         return self.model.get_image_features(pixel_values, image_masks, **kwargs)
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True):
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ):
         """Resize the input embeddings (transformers' resizing) and the DEEM text head: the base rows keep their
         weights, rows from ``original_vocab_size`` on stay in the trainable new-token head, added rows start as the
         original initialises new tokens (logit ``new_token_logit_init``); frozen / trainable flags are kept."""
@@ -809,7 +873,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         return_dict = return_dict if return_dict is not None else cfg.return_dict
         if input_ids is not None:
             if labels is not None and labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
+                )
         elif labels is not None:
             raise ValueError("labels need input_ids")
         if return_loss is None:
@@ -818,22 +884,49 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         w_nip = cfg.loss_nip_weight if loss_nip_weight is None else loss_nip_weight
         w_csr = cfg.loss_csr_weight if loss_csr_weight is None else loss_csr_weight
         check_decoder_views(cfg, pixel_values, pixel_values_decoder)
-        want_diffusion = return_loss and (w_nip > 0 or w_csr > 0) and pixel_values is not None and pixel_values.shape[0] > 0
+        want_diffusion = (
+            return_loss and (w_nip > 0 or w_csr > 0) and pixel_values is not None and pixel_values.shape[0] > 0
+        )
         if want_diffusion and (not self.has_diffusion or pixel_values_decoder is None):
             if self.training:
-                missing = "diffusion weights (this model was built without diffusion_config)" if not self.has_diffusion else "pixel_values_decoder"
-                raise ValueError(f"training with loss_nip_weight={w_nip} / loss_csr_weight={w_csr} needs {missing}; set those weights to 0 to train text only")
+                missing = (
+                    "diffusion weights (this model was built without diffusion_config)"
+                    if not self.has_diffusion
+                    else "pixel_values_decoder"
+                )
+                raise ValueError(
+                    f"training with loss_nip_weight={w_nip} / loss_csr_weight={w_csr} needs {missing}; set those "
+                    "weights to 0 to train text only"
+                )
             want_diffusion = False
 
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_masks=image_masks, num_images=num_images,
-            position_ids=position_ids, cache=cache, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True, inputs_embeds=inputs_embeds, image_embeds=image_embeds,
-            vision_states=vision_states, vision_spatial_shapes=vision_spatial_shapes, image_starts=image_starts,
-            cross_attention_mask=cross_attention_mask, past_key_values=past_key_values, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_masks=image_masks,
+            num_images=num_images,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            inputs_embeds=inputs_embeds,
+            image_embeds=image_embeds,
+            vision_states=vision_states,
+            vision_spatial_shapes=vision_spatial_shapes,
+            image_starts=image_starts,
+            cross_attention_mask=cross_attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
         )
         hidden = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else (logits_to_keep if not isinstance(logits_to_keep, int) else slice(None))
+        keep = (
+            slice(-logits_to_keep, None)
+            if isinstance(logits_to_keep, int) and logits_to_keep
+            else (logits_to_keep if not isinstance(logits_to_keep, int) else slice(None))
+        )
         logits = self.lm_head(hidden[:, keep])
 
         loss_ntp = loss_nip = loss_csr = None
@@ -848,11 +941,22 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             posterior = decoder.encode_latents(pixel_values_decoder)
             if w_csr > 0:
                 condition = self.model.image_encoder.diffusion_condition(enc.perceiver_output)
-                loss_csr = decoder.loss_csr(condition, enc.region_features, enc.latent_mask, posterior, csr_draws or DiffusionDraws(), generator)
+                loss_csr = decoder.loss_csr(
+                    condition, enc.region_features, enc.latent_mask, posterior, csr_draws or DiffusionDraws(), generator
+                )
             if w_nip > 0:
                 runs = _image_runs(input_ids, cfg.image_token_id)
                 image_rows, soi_pos, starts = _image_context_spans(runs, input_ids, attention_mask, cfg.bos_token_id)
-                loss_nip = decoder.loss_nip(hidden, enc.multiscale_features, image_rows, soi_pos, starts, posterior, nip_draws or DiffusionDraws(), generator)
+                loss_nip = decoder.loss_nip(
+                    hidden,
+                    enc.multiscale_features,
+                    image_rows,
+                    soi_pos,
+                    starts,
+                    posterior,
+                    nip_draws or DiffusionDraws(),
+                    generator,
+                )
         loss = None
         parts = [(w_ntp, loss_ntp), (w_nip, loss_nip), (w_csr, loss_csr)]
         if any(p is not None for _, p in parts):
@@ -875,7 +979,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
     # ------------------------------------------------------------------ the diffusion decoder as the encoder's eyes
 
     @torch.no_grad()
-    def perception_consistency(self, pixel_values, pixel_values_decoder, image_masks=None, timesteps=(200, 350, 500, 650, 799), seed: int = 0):
+    def perception_consistency(
+        self, pixel_values, pixel_values_decoder, image_masks=None, timesteps=(200, 350, 500, 650, 799), seed: int = 0
+    ):
         """How well the image encoder's reading of each image lets the diffusion decoder reconstruct it: the CSR
         loss (§4.3) per image, averaged over fixed ``timesteps`` (after the CSR remapping) with noise seeded by
         ``seed``. Lower is better; a high value flags an input the encoder misperceives or that is out of
@@ -894,11 +1000,31 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
                 noise=torch.randn(posterior[0].shape, generator=generator, device=posterior[0].device),
                 timesteps=torch.full((n,), int(t), device=posterior[0].device),
             )
-            per_image.append(self.image_decoder.loss_csr(condition, enc.region_features, enc.latent_mask, posterior, draws, None, timestep_map=lambda x: x, per_image=True))
+            per_image.append(
+                self.image_decoder.loss_csr(
+                    condition,
+                    enc.region_features,
+                    enc.latent_mask,
+                    posterior,
+                    draws,
+                    None,
+                    timestep_map=lambda x: x,
+                    per_image=True,
+                )
+            )
         return torch.stack(per_image).mean(0)
 
     @contextlib.contextmanager
-    def test_time_adaptation(self, pixel_values, pixel_values_decoder, image_masks=None, steps: int = 5, lr: float = 4e-6, samples: int = 5, seed: int = 0):
+    def test_time_adaptation(
+        self,
+        pixel_values,
+        pixel_values_decoder,
+        image_masks=None,
+        steps: int = 5,
+        lr: float = 4e-6,
+        samples: int = 5,
+        seed: int = 0,
+    ):
         """Adapt the image encoder to the given images with ``steps`` AdamW steps on the CSR loss (the diffusion
         model as the encoder's eyes, §5.4: ``samples`` evenly spaced timesteps per image, seeded), use it inside
         the ``with`` block, and restore every encoder weight bitwise afterwards. UNet, VAE and side network are
@@ -925,8 +1051,14 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
                     losses = []
                     for k in range(samples):
                         n = pixel_values.shape[0]
-                        draws = DiffusionDraws(timesteps=torch.full((n,), start + k * spacing, device=pixel_values.device))
-                        losses.append(self.image_decoder.loss_csr(condition, enc.region_features, enc.latent_mask, posterior, draws, generator))
+                        draws = DiffusionDraws(
+                            timesteps=torch.full((n,), start + k * spacing, device=pixel_values.device)
+                        )
+                        losses.append(
+                            self.image_decoder.loss_csr(
+                                condition, enc.region_features, enc.latent_mask, posterior, draws, generator
+                            )
+                        )
                     optimizer.zero_grad()
                     torch.stack(losses).mean().backward()
                     optimizer.step()
@@ -939,7 +1071,6 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
                 p.requires_grad_(flags[n])
                 p.grad = None
             self.train(was_training)
-
 
     # ------------------------------------------------------------------ training stages / accounting
 
@@ -954,7 +1085,10 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             ("image encoder", [encoder.backbone.trunk]),
             ("encoder adapters", [encoder.backbone]),
             ("encoder perceiver", [encoder]),
-            ("cross-attention", [layer.cross_attn for layer in model.language_model.layers if layer.cross_attn is not None]),
+            (
+                "cross-attention",
+                [layer.cross_attn for layer in model.language_model.layers if layer.cross_attn is not None],
+            ),
             ("LLM", [model.language_model]),
             ("text head (new tokens)", [head.new_tokens]),
             ("text head (base)", [head.base]),
@@ -1012,7 +1146,13 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             else:
                 train = total if group in trainable_groups else 0
             rows.append({"component": group, "total": total, "trainable": train})
-        rows.append({"component": "total", "total": sum(r["total"] for r in rows), "trainable": sum(r["trainable"] for r in rows)})
+        rows.append(
+            {
+                "component": "total",
+                "total": sum(r["total"] for r in rows),
+                "trainable": sum(r["trainable"] for r in rows),
+            }
+        )
         return rows
 
 
@@ -1037,8 +1177,28 @@ COMPONENTS = (
 # §4.4: what trains in each stage. "image decoder" = context projection + learned null condition; stage 3 has
 # no diffusion losses, so the whole image-generation side stays frozen there.
 STAGE_TRAINABLE = {
-    1: {"image encoder", "encoder adapters", "encoder perceiver", "decoder perceiver", "image decoder", "cross-attention", "text head (new tokens)", "UNet side network", "soi embedding"},
-    2: {"encoder adapters", "encoder perceiver", "decoder perceiver", "image decoder", "LLM", "cross-attention", "text head (new tokens)", "UNet side network", "soi embedding"},
+    1: {
+        "image encoder",
+        "encoder adapters",
+        "encoder perceiver",
+        "decoder perceiver",
+        "image decoder",
+        "cross-attention",
+        "text head (new tokens)",
+        "UNet side network",
+        "soi embedding",
+    },
+    2: {
+        "encoder adapters",
+        "encoder perceiver",
+        "decoder perceiver",
+        "image decoder",
+        "LLM",
+        "cross-attention",
+        "text head (new tokens)",
+        "UNet side network",
+        "soi embedding",
+    },
     3: {"encoder adapters", "encoder perceiver", "LLM", "cross-attention", "text head (new tokens)", "soi embedding"},
 }
 

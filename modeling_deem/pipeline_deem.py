@@ -59,8 +59,13 @@ def _stack_embeds(embeds, name: str):
     """A list / tuple of [Q, D] or [1, Q, D] tensors -> [N, Q, D]; a tensor or ``None`` as given."""
     if not isinstance(embeds, (list, tuple)):
         return embeds
-    if not embeds or not all(isinstance(e, torch.Tensor) and e.dim() in (2, 3) and (e.dim() == 2 or e.shape[0] == 1) for e in embeds):
-        raise ValueError(f"`{name}` as a list must hold [Q, D] or [1, Q, D] tensors, got {[tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__ for e in embeds]}")
+    if not embeds or not all(
+        isinstance(e, torch.Tensor) and e.dim() in (2, 3) and (e.dim() == 2 or e.shape[0] == 1) for e in embeds
+    ):
+        raise ValueError(
+            f"`{name}` as a list must hold [Q, D] or [1, Q, D] tensors, got "
+            f"{[tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__ for e in embeds]}"
+        )
     shapes = {tuple(e.shape[-2:]) for e in embeds}
     if len(shapes) != 1:
         raise ValueError(f"`{name}` entries differ in shape: {sorted(shapes)}")
@@ -70,7 +75,8 @@ def _stack_embeds(embeds, name: str):
 class DeemImageConditioner(nn.Module):
     r"""The modules that turn LLM context into the UNet condition, held by reference (never copied).
 
-    ``context_proj``: Linear(H, H) applied to the reversed LLM context (used by the image decoder's ``context_features``);
+    ``context_proj``: Linear(H, H) applied to the reversed LLM context (used by the image decoder's
+    ``context_features``);
     ``decoder_perceiver``: reads that context into ``num_queries`` x ``cross_attention_dim`` tokens;
     ``null_condition``: the learned [1, Q, D] unconditional embedding (negative condition of CFG, §5.2).
     Grouping them gives the pipeline one component to place, cast and offload for the whole context -> condition
@@ -96,10 +102,12 @@ class DeemImageConditioner(nn.Module):
         """Width H of the context features the perceiver reads."""
         return self.decoder_perceiver.config.encoder_hidden_size
 
-    def forward(self, context_features: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, context_features: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """context_features [N, L, H] (reversed, projected and positioned LLM context, as made by the model's
-        ``image_decoder.context_features``); context_mask [N, L] (1 = valid) -> condition [N, Q, D]. Without context: the
-        learned null condition [1, Q, D] (read through ``forward`` so that offload hooks place it)."""
+        ``image_decoder.context_features``); context_mask [N, L] (1 = valid) -> condition [N, Q, D]. Without context:
+        the learned null condition [1, Q, D] (read through ``forward`` so that offload hooks place it)."""
         if context_features is None:
             return self.null_condition
         return self.decoder_perceiver(context_features.to(self.dtype), context_mask)
@@ -137,7 +145,9 @@ class DeemImagePipeline(DiffusionPipeline):
 
     def __init__(self, unet, vae, scheduler, side_network, conditioner, image_size: int | None = None):
         super().__init__()
-        self.register_modules(unet=unet, vae=vae, scheduler=scheduler, side_network=side_network, conditioner=conditioner)
+        self.register_modules(
+            unet=unet, vae=vae, scheduler=scheduler, side_network=side_network, conditioner=conditioner
+        )
         self.register_to_config(image_size=image_size)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -151,7 +161,9 @@ class DeemImagePipeline(DiffusionPipeline):
         ``scheduler``: any diffusers scheduler; default a fresh ``DDPMScheduler`` with the model's noise-scheduler
         configuration (a separate object, so sampling never changes the training scheduler's state)."""
         if getattr(model, "unet", None) is None:
-            raise ValueError("this DEEM model has no diffusion decoder (config.diffusion_config is None): it cannot generate images")
+            raise ValueError(
+                "this DEEM model has no diffusion decoder (config.diffusion_config is None): it cannot generate images"
+            )
         if scheduler is None:
             scheduler = DDPMScheduler.from_config(model.noise_scheduler.config)
         conditioner = DeemImageConditioner(model.context_proj, model.decoder_perceiver, model.null_condition)
@@ -181,7 +193,10 @@ class DeemImagePipeline(DiffusionPipeline):
             component_dtypes = kwargs.pop("dtype")
             unknown = sorted(set(component_dtypes) - set(cls._component_names()) - {"default"})
             if unknown:
-                raise ValueError(f"torch_dtype keys {unknown} are not components of DeemImagePipeline {cls._component_names()} (or 'default')")
+                raise ValueError(
+                    f"torch_dtype keys {unknown} are not components of DeemImagePipeline "
+                    f"{cls._component_names()} (or 'default')"
+                )
             kwargs["dtype"] = component_dtypes.get("default", torch.float32)
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         model_class = None
@@ -280,13 +295,19 @@ class DeemImagePipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
     ):
         if (prompt_embeds is None) == (context_features is None):
-            raise ValueError("pass exactly one of `prompt_embeds` (the UNet condition [N, Q, D]) or `context_features` (the LLM context [N, L, H])")
+            raise ValueError(
+                "pass exactly one of `prompt_embeds` (the UNet condition [N, Q, D]) or `context_features` (the "
+                "LLM context [N, L, H])"
+            )
         cross_dim = self.unet.config.cross_attention_dim
         if prompt_embeds is not None:
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
                 raise ValueError(f"`prompt_embeds` must be a [N, Q, D] tensor, got {_shape(prompt_embeds)}")
             if prompt_embeds.shape[-1] != cross_dim:
-                raise ValueError(f"`prompt_embeds` width {prompt_embeds.shape[-1]} does not match the UNet's cross_attention_dim {cross_dim}")
+                raise ValueError(
+                    f"`prompt_embeds` width {prompt_embeds.shape[-1]} does not match the UNet's "
+                    f"cross_attention_dim {cross_dim}"
+                )
             if context_mask is not None:
                 raise ValueError("`context_mask` goes with `context_features`, not with `prompt_embeds`")
             batch = prompt_embeds.shape[0]
@@ -295,43 +316,71 @@ class DeemImagePipeline(DiffusionPipeline):
                 raise ValueError(f"`context_features` must be a [N, L, H] tensor, got {_shape(context_features)}")
             width_h = self.conditioner.context_dim
             if context_features.shape[-1] != width_h:
-                raise ValueError(f"`context_features` width {context_features.shape[-1]} does not match the decoder perceiver's input width {width_h}")
+                raise ValueError(
+                    f"`context_features` width {context_features.shape[-1]} does not match the decoder perceiver's "
+                    f"input width {width_h}"
+                )
             if context_mask is not None and tuple(context_mask.shape) != tuple(context_features.shape[:2]):
-                raise ValueError(f"`context_mask` must be [N, L] = {tuple(context_features.shape[:2])}, got {tuple(context_mask.shape)}")
+                raise ValueError(
+                    f"`context_mask` must be [N, L] = {tuple(context_features.shape[:2])}, got "
+                    f"{tuple(context_mask.shape)}"
+                )
             batch = context_features.shape[0]
         if batch == 0:
             raise ValueError("empty batch: `prompt_embeds` / `context_features` hold no condition")
         if negative_prompt_embeds is not None:
             if not isinstance(negative_prompt_embeds, torch.Tensor) or negative_prompt_embeds.dim() != 3:
-                raise ValueError(f"`negative_prompt_embeds` must be a [N, Q, D] (or [1, Q, D]) tensor, got {_shape(negative_prompt_embeds)}")
+                raise ValueError(
+                    "`negative_prompt_embeds` must be a [N, Q, D] (or [1, Q, D]) tensor, got "
+                    f"{_shape(negative_prompt_embeds)}"
+                )
             if negative_prompt_embeds.shape[0] not in (1, batch):
-                raise ValueError(f"`negative_prompt_embeds` has batch {negative_prompt_embeds.shape[0]}, expected 1 or {batch}")
+                raise ValueError(
+                    f"`negative_prompt_embeds` has batch {negative_prompt_embeds.shape[0]}, expected 1 or {batch}"
+                )
             if negative_prompt_embeds.shape[-1] != cross_dim:
-                raise ValueError(f"`negative_prompt_embeds` width {negative_prompt_embeds.shape[-1]} does not match the UNet's cross_attention_dim {cross_dim}")
+                raise ValueError(
+                    f"`negative_prompt_embeds` width {negative_prompt_embeds.shape[-1]} does not match the UNet's "
+                    f"cross_attention_dim {cross_dim}"
+                )
             if prompt_embeds is not None and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
-                raise ValueError(f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens, `prompt_embeds` {prompt_embeds.shape[1]}")
+                raise ValueError(
+                    f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens, `prompt_embeds` "
+                    f"{prompt_embeds.shape[1]}"
+                )
         if side_features is not None:
             feat_dim, num_levels, _ = self._side_layout()
             if isinstance(side_features, torch.Tensor) or not isinstance(side_features, Sequence):
-                raise ValueError(f"`side_features` must be a list of {num_levels} tensors [N, E, h, w] (or [N, n_img, E, h, w])")
+                raise ValueError(
+                    f"`side_features` must be a list of {num_levels} tensors [N, E, h, w] (or [N, n_img, E, h, w])"
+                )
             if len(side_features) != num_levels:
-                raise ValueError(f"`side_features` has {len(side_features)} levels, the side network reads {num_levels}")
+                raise ValueError(
+                    f"`side_features` has {len(side_features)} levels, the side network reads {num_levels}"
+                )
             n_img = None
             for lvl, f in enumerate(side_features):
                 if not isinstance(f, torch.Tensor) or f.dim() not in (4, 5):
-                    raise ValueError(f"`side_features[{lvl}]` must be [N, E, h, w] or [N, n_img, E, h, w], got {_shape(f)}")
+                    raise ValueError(
+                        f"`side_features[{lvl}]` must be [N, E, h, w] or [N, n_img, E, h, w], got {_shape(f)}"
+                    )
                 if f.shape[0] != batch:
                     raise ValueError(f"`side_features[{lvl}]` has batch {f.shape[0]}, the condition has {batch}")
                 channels = f.shape[-3]
                 if channels != feat_dim:
-                    raise ValueError(f"`side_features[{lvl}]` has {channels} channels, the side network expects {feat_dim}")
+                    raise ValueError(
+                        f"`side_features[{lvl}]` has {channels} channels, the side network expects {feat_dim}"
+                    )
                 k = 1 if f.dim() == 4 else f.shape[1]
                 if n_img is not None and k != n_img:
                     raise ValueError(f"`side_features` levels disagree on the number of images ({n_img} vs {k})")
                 n_img = k
             if side_mask is not None:
                 if side_mask.shape[0] != batch or side_mask.numel() != batch * n_img:
-                    raise ValueError(f"`side_mask` must be [N], [N, 1] or [N, n_img] with N = {batch}, n_img = {n_img}; got {tuple(side_mask.shape)}")
+                    raise ValueError(
+                        f"`side_mask` must be [N], [N, 1] or [N, n_img] with N = {batch}, n_img = {n_img}; got "
+                        f"{tuple(side_mask.shape)}"
+                    )
         elif side_mask is not None:
             raise ValueError("`side_mask` was given without `side_features`")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -340,13 +389,17 @@ class DeemImagePipeline(DiffusionPipeline):
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt!r}")
         for name, value in (("height", height), ("width", width)):
             if value is not None and (int(value) <= 0 or int(value) % self.vae_scale_factor):
-                raise ValueError(f"`{name}` must be a positive multiple of the VAE scale factor {self.vae_scale_factor}, got {value}")
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of the VAE scale factor {self.vae_scale_factor}, got {value}"
+                )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be one of 'pil', 'np', 'pt', 'latent'; got {output_type!r}")
         if callback_on_step_end_tensor_inputs is not None:
             bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if bad:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}")
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}"
+                )
         return batch
 
     # ------------------------------------------------------------------ preparation
@@ -373,9 +426,16 @@ class DeemImagePipeline(DiffusionPipeline):
         return feats, mask
 
     def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
-        shape = (batch_size, num_channels_latents, int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            num_channels_latents,
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"{len(generator)} generators were passed for {batch_size} images (N x num_images_per_prompt)")
+            raise ValueError(
+                f"{len(generator)} generators were passed for {batch_size} images (N x num_images_per_prompt)"
+            )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         else:
@@ -414,7 +474,10 @@ class DeemImagePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
         r"""Sample images.
@@ -422,7 +485,8 @@ class DeemImagePipeline(DiffusionPipeline):
         Args:
             prompt_embeds (`torch.Tensor` [N, Q, D]): the UNet condition (decoder perceiver output).
             context_features (`torch.Tensor` [N, L, H]): instead of ``prompt_embeds``, the reversed, projected and
-                positioned LLM context (the image decoder's ``context_features``); the pipeline runs the decoder perceiver.
+                positioned LLM context (the image decoder's ``context_features``); the pipeline runs the
+                decoder perceiver.
             context_mask (`torch.Tensor` [N, L]): 1 for valid context positions (default all).
             side_features (list of 4 `torch.Tensor`): the previous image's multi-scale maps, [N, E, h, w] each (or
                 [N, n_img, E, h, w]); ``None``: zeros with mask 0 (first image of a document).
@@ -472,7 +536,10 @@ class DeemImagePipeline(DiffusionPipeline):
         height = int(height or self.default_image_size)
         width = int(width or self.default_image_size)
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(f"the default image size {self.default_image_size} is not a multiple of the VAE scale factor {self.vae_scale_factor}")
+            raise ValueError(
+                f"the default image size {self.default_image_size} is not a multiple of the VAE scale factor "
+                f"{self.vae_scale_factor}"
+            )
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device
@@ -482,14 +549,22 @@ class DeemImagePipeline(DiffusionPipeline):
         if prompt_embeds is None:
             prompt_embeds = self.encode_context(context_features, context_mask)
             if prompt_embeds.shape[-1] != self.unet.config.cross_attention_dim:
-                raise ValueError(f"the decoder perceiver gives width {prompt_embeds.shape[-1]}, the UNet expects {self.unet.config.cross_attention_dim}")
+                raise ValueError(
+                    f"the decoder perceiver gives width {prompt_embeds.shape[-1]}, the UNet expects "
+                    f"{self.unet.config.cross_attention_dim}"
+                )
         prompt_embeds = prompt_embeds.to(device=device, dtype=unet_dtype)
         if self.do_classifier_free_guidance:
             if negative_prompt_embeds is None:
                 negative_prompt_embeds = self.conditioner.negative_condition(batch_size)
-            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=unet_dtype).expand(batch_size, -1, -1)
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=unet_dtype).expand(
+                batch_size, -1, -1
+            )
             if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
-                raise ValueError(f"the negative condition has {negative_prompt_embeds.shape[1]} tokens, the condition {prompt_embeds.shape[1]}")
+                raise ValueError(
+                    f"the negative condition has {negative_prompt_embeds.shape[1]} tokens, the condition "
+                    f"{prompt_embeds.shape[1]}"
+                )
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         total = batch_size * num_images_per_prompt
@@ -510,7 +585,9 @@ class DeemImagePipeline(DiffusionPipeline):
         # 4. Timesteps and initial latents (kept in fp32; the UNet gets its own dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(total, self.unet.config.in_channels, height, width, torch.float32, device, generator, latents)
+        latents = self.prepare_latents(
+            total, self.unet.config.in_channels, height, width, torch.float32, device, generator, latents
+        )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
 
         # 5. Denoising loop
@@ -543,7 +620,11 @@ class DeemImagePipeline(DiffusionPipeline):
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                     latents = callback_outputs.pop("latents", latents).to(device=device, dtype=torch.float32)

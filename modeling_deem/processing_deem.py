@@ -22,7 +22,6 @@ from transformers.utils import logging
 from .image_processing_deem import DeemImageProcessor
 from .prompts import IMAGE_MARKER, SYSTEM_PROMPT
 
-
 logger = logging.get_logger(__name__)
 
 SOI_TOKEN = "<|startofimage|>"
@@ -391,7 +390,11 @@ class DeemProcessor(ProcessorMixin):
         drawn picture) stays the "<image>" marker. ``output_type``: "pil" or "pt"."""
         rows = []
         for b, sequence in enumerate(outputs.sequences):
-            keep = outputs.attention_mask[b].bool() if getattr(outputs, "attention_mask", None) is not None else torch.ones_like(sequence, dtype=torch.bool)
+            keep = (
+                outputs.attention_mask[b].bool()
+                if getattr(outputs, "attention_mask", None) is not None
+                else torch.ones_like(sequence, dtype=torch.bool)
+            )
             keep[:prompt_length] = False
             segments = self.decode_interleaved(sequence[keep])
             drawn = list(outputs.images[b]) if outputs.images is not None else []
@@ -402,7 +405,11 @@ class DeemProcessor(ProcessorMixin):
                     seen += 1
                     if seen > n_prompt_images:
                         image = drawn[seen - n_prompt_images - 1]
-                        piece = self.image_processor.postprocess(image[None], output_type="pil")[0] if output_type == "pil" else image
+                        piece = (
+                            self.image_processor.postprocess(image[None], output_type="pil")[0]
+                            if output_type == "pil"
+                            else image
+                        )
                 out.append(piece)
             rows.append(out)
         return rows

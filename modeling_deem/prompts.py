@@ -15,7 +15,6 @@ by the caption SFT data sets (pass your own `instruction`), and the exact header
 import string
 from dataclasses import dataclass
 
-
 IMAGE_MARKER = "<image>"
 SYSTEM_PROMPT = "You are a helpful assistant.\n\n"
 SYSTEM_PROMPT_EVAL = "You are a helpful assistant. \n\n"  # caption, image2paragraph and text->image eval sets

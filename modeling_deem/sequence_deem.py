@@ -28,7 +28,9 @@ def _image_start_table(runs, batch: int, n_max: int, device) -> torch.Tensor:
     return table.to(device)
 
 
-def cross_attention_visibility(input_ids: torch.Tensor, image_starts: torch.Tensor, bos_token_id: int, offset: int = 0) -> torch.Tensor:
+def cross_attention_visibility(
+    input_ids: torch.Tensor, image_starts: torch.Tensor, bos_token_id: int, offset: int = 0
+) -> torch.Tensor:
     """[B, L, N] bool: token l sees image n iff start_n <= l and start_n > nearest ``<s>`` at or before l (§2.5).
 
     ``image_starts`` [B,N] absolute positions of the images' first placeholders (-1: no image); ``offset``:
@@ -81,7 +83,16 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_bat
     return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
 
 
-def check_sequence_inputs(config: DeemConfig, input_ids, attention_mask=None, pixel_values=None, image_masks=None, num_images=None, past_len: int = 0, images_encoded: bool = False):
+def check_sequence_inputs(
+    config: DeemConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_masks=None,
+    num_images=None,
+    past_len: int = 0,
+    images_encoded: bool = False,
+):
     """Check what the LLM side reads, before any work; returns (image runs, images per row [B]).
 
     ``images_encoded``: the images come already encoded (``image_embeds`` / ``vision_states``), so no
@@ -92,25 +103,42 @@ def check_sequence_inputs(config: DeemConfig, input_ids, attention_mask=None, pi
     total = past_len + input_ids.shape[1]
     if total > max_len:
         raise ValueError(f"sequence length {total} exceeds the model's maximum of {max_len} tokens")
-    if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != (input_ids.shape[0], total):
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)} (+ {past_len} cached tokens)")
+    if (
+        attention_mask is not None
+        and attention_mask.dim() == 2
+        and tuple(attention_mask.shape) != (input_ids.shape[0], total)
+    ):
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+            f"{tuple(input_ids.shape)} (+ {past_len} cached tokens)"
+        )
     runs = _image_runs(input_ids, config.image_token_id)
     bad = [(b, s, n) for b, s, n in runs if n != config.num_image_tokens]
     if bad:
         b, s, n = bad[0]
-        raise ValueError(f"row {b}: image placeholder run at position {s} has {n} tokens, expected {config.num_image_tokens} per image")
+        raise ValueError(
+            f"row {b}: image placeholder run at position {s} has {n} tokens, expected "
+            f"{config.num_image_tokens} per image"
+        )
     for b, s, _ in runs:
         if s == 0 or input_ids[b, s - 1] != config.soi_token_id:
-            raise ValueError(f"row {b}: image placeholders at position {s} are not preceded by the <|startofimage|> token")
+            raise ValueError(
+                f"row {b}: image placeholders at position {s} are not preceded by the <|startofimage|> token"
+            )
     per_row = torch.zeros(input_ids.shape[0], dtype=torch.long)
     for b, _, _ in runs:
         per_row[b] += 1
     n_images = int(per_row.sum())
     n_given = 0 if pixel_values is None else pixel_values.shape[0]
     if n_images != n_given and not images_encoded:
-        raise ValueError(f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values")
+        raise ValueError(
+            f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values"
+        )
     if num_images is not None and not torch.equal(torch.as_tensor(num_images).cpu().long(), per_row):
-        raise ValueError(f"num_images {torch.as_tensor(num_images).tolist()} does not match the images found per row {per_row.tolist()}")
+        raise ValueError(
+            f"num_images {torch.as_tensor(num_images).tolist()} does not match the images found per "
+            f"row {per_row.tolist()}"
+        )
     if image_masks is not None and pixel_values is not None and image_masks.shape[0] != pixel_values.shape[0]:
         raise ValueError(f"image_masks has {image_masks.shape[0]} masks for {pixel_values.shape[0]} images")
     return runs, per_row
@@ -128,7 +156,9 @@ def pad_per_row(items: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
 def unpad_per_row(items: torch.Tensor, per_row: torch.Tensor, name: str = "image_embeds") -> torch.Tensor | None:
     """Per row [B,N_max,...] -> the row-major images [N,...] that ``per_row`` counts (``None`` if there are none)."""
     if items.dim() < 2 or items.shape[0] != per_row.shape[0]:
-        raise ValueError(f"{name} must be [batch, images per row, ...] with batch {per_row.shape[0]}, got shape {tuple(items.shape)}")
+        raise ValueError(
+            f"{name} must be [batch, images per row, ...] with batch {per_row.shape[0]}, got shape {tuple(items.shape)}"
+        )
     if int(per_row.sum()) == 0:
         return None
     if int(per_row.max()) > items.shape[1]:

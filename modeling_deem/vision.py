@@ -221,7 +221,8 @@ class DeemPerceiver(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Blip2 init: Linear normal(initializer_range) / zero bias, LayerNorm 1/0, queries normal(initializer_range)."""
+        """Blip2 init: Linear normal(initializer_range) / zero bias, LayerNorm 1/0,
+        queries normal(initializer_range)."""
         std = self.config.initializer_range
         init.normal_(self.queries, mean=0.0, std=std)
         for module in self.modules():
@@ -458,9 +459,7 @@ class DeemImageEncoder(nn.Module):
         table = resize_table(self.pos_embed[1:], height * width)
         return table.view(height, width, -1).permute(2, 0, 1).unsqueeze(0).to(dtype)
 
-    def forward(
-        self, pixel_values: torch.Tensor, image_masks: torch.Tensor | None = None
-    ) -> DeemImageEncoderOutput:
+    def forward(self, pixel_values: torch.Tensor, image_masks: torch.Tensor | None = None) -> DeemImageEncoderOutput:
         """pixel_values [N,3,H,W] in [0,1]; image_masks [N,1,H,W] (1 = region) or None (whole image)."""
         self._check_inputs(pixel_values, image_masks)
         dtype = self.pos_proj.weight.dtype

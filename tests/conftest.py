@@ -28,7 +28,6 @@ def tiny_config(**overrides):
 
 def tiny_model(seed: int = 0, **overrides):
     from deem import DeemForInterleavedGeneration
-
     from deem.trainers.cli import visible_init
 
     torch.manual_seed(seed)

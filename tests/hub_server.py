@@ -80,10 +80,41 @@ REGULAR_MAX_BYTES = 10 * 1024 * 1024  # the Hub sends bigger files to LFS
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
-        "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*",
-        "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
+        "*.7z",
+        "*.arrow",
+        "*.bin",
+        "*.bz2",
+        "*.ckpt",
+        "*.ftz",
+        "*.gz",
+        "*.h5",
+        "*.joblib",
+        "*.lfs.*",
+        "*.mlmodel",
+        "*.model",
+        "*.msgpack",
+        "*.npy",
+        "*.npz",
+        "*.onnx",
+        "*.ot",
+        "*.parquet",
+        "*.pb",
+        "*.pickle",
+        "*.pkl",
+        "*.pt",
+        "*.pth",
+        "*.rar",
+        "*.safetensors",
+        "saved_model/**/*",
+        "*.tar.*",
+        "*.tar",
+        "*.tflite",
+        "*.tgz",
+        "*.wasm",
+        "*.xz",
+        "*.zip",
+        "*.zst",
+        "*tfevents*",
     )
 )
 
@@ -91,7 +122,9 @@ DEFAULT_GITATTRIBUTES = "".join(
 class HubError(Exception):
     """An HTTP error answered the way the Hub does (JSON body + X-Error-Code / X-Error-Message headers)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None, body: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: dict | None = None, body: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
         self.headers = headers or {}
@@ -135,7 +168,11 @@ class Entry:
     def tree_json(self, path: str) -> dict:
         out = {"type": "file", "oid": self.git_oid, "size": self.size, "path": path}
         if self.lfs:
-            out["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": len(lfs_pointer(self.sha256, self.size))}
+            out["lfs"] = {
+                "oid": self.sha256,
+                "size": self.size,
+                "pointerSize": len(lfs_pointer(self.sha256, self.size)),
+            }
         return out
 
 
@@ -159,8 +196,8 @@ class Repo:
     def resolve(self, revision: str) -> str:
         rev = revision
         for prefix in ("refs/heads/", "refs/tags/"):
-            if rev.startswith(prefix) and rev[len(prefix):] in (self.branches if "heads" in prefix else self.tags):
-                rev = rev[len(prefix):]
+            if rev.startswith(prefix) and rev[len(prefix) :] in (self.branches if "heads" in prefix else self.tags):
+                rev = rev[len(prefix) :]
         if rev in self.branches:
             return self.branches[rev]
         if rev in self.tags:
@@ -244,7 +281,16 @@ class HubState:
     def _add_commit(self, repo: Repo, branch: str, parents: list[str], files: dict, title: str, message: str) -> Commit:
         self._counter += 1
         material = json.dumps(
-            [repo.type, repo.id, parents, sorted((p, e.git_oid) for p, e in files.items()), title, message, time.time_ns(), self._counter]
+            [
+                repo.type,
+                repo.id,
+                parents,
+                sorted((p, e.git_oid) for p, e in files.items()),
+                title,
+                message,
+                time.time_ns(),
+                self._counter,
+            ]
         )
         oid = hashlib.sha1(material.encode()).hexdigest()
         commit = Commit(oid, parents, files, title, message, _now_iso(), self.user)
@@ -257,10 +303,22 @@ class HubState:
         folder = self.root / "repos" / repo.type / repo.id
         folder.mkdir(parents=True, exist_ok=True)
         data = {
-            "type": repo.type, "id": repo.id, "private": repo.private, "branches": repo.branches, "tags": repo.tags,
+            "type": repo.type,
+            "id": repo.id,
+            "private": repo.private,
+            "branches": repo.branches,
+            "tags": repo.tags,
             "commits": {
-                c.oid: {"parents": c.parents, "title": c.title, "message": c.message, "date": c.date,
-                        "files": {p: {"sha256": e.sha256, "size": e.size, "lfs": e.lfs, "oid": e.git_oid} for p, e in c.files.items()}}
+                c.oid: {
+                    "parents": c.parents,
+                    "title": c.title,
+                    "message": c.message,
+                    "date": c.date,
+                    "files": {
+                        p: {"sha256": e.sha256, "size": e.size, "lfs": e.lfs, "oid": e.git_oid}
+                        for p, e in c.files.items()
+                    },
+                }
                 for c in repo.commits.values()
             },
         }
@@ -274,11 +332,18 @@ class HubState:
             return False
         for line in self.read_blob(attributes.sha256).decode(errors="replace").splitlines():
             parts = line.split()
-            if len(parts) >= 2 and not parts[0].startswith("#") and "filter=lfs" in parts[1:] and _attr_match(parts[0], path):
+            if (
+                len(parts) >= 2
+                and not parts[0].startswith("#")
+                and "filter=lfs" in parts[1:]
+                and _attr_match(parts[0], path)
+            ):
                 return True
         return False
 
-    def commit(self, repo: Repo, revision: str, header: dict, ops: list[tuple[str, dict]], create_pr: bool, url: str) -> dict:
+    def commit(
+        self, repo: Repo, revision: str, header: dict, ops: list[tuple[str, dict]], create_pr: bool, url: str
+    ) -> dict:
         with self.lock:
             if create_pr:
                 base = repo.resolve(revision)
@@ -286,7 +351,7 @@ class HubState:
                 branch = f"refs/pr/{repo.num_prs}"
                 repo.branches[branch] = base
             else:
-                branch = revision[len("refs/heads/"):] if revision.startswith("refs/heads/") else revision
+                branch = revision[len("refs/heads/") :] if revision.startswith("refs/heads/") else revision
                 if branch not in repo.branches:
                     if revision in repo.tags or COMMIT_RE.fullmatch(revision):
                         raise HubError(400, f"Can only commit to a branch, not to '{revision}'")
@@ -325,8 +390,15 @@ class HubState:
                     raise HubError(400, f"unknown commit operation {key!r}")
                 if key in ("file", "lfsFile"):
                     self._check_path(path)
-            commit = self._add_commit(repo, branch, [head], files, header.get("summary") or "Update", header.get("description") or "")
-            out = {"success": True, "commitOid": commit.oid, "commitUrl": f"{url}/{URL_PREFIX[repo.type]}{repo.id}/commit/{commit.oid}", "hookOutput": ""}
+            commit = self._add_commit(
+                repo, branch, [head], files, header.get("summary") or "Update", header.get("description") or ""
+            )
+            out = {
+                "success": True,
+                "commitOid": commit.oid,
+                "commitUrl": f"{url}/{URL_PREFIX[repo.type]}{repo.id}/commit/{commit.oid}",
+                "hookOutput": "",
+            }
             if create_pr:
                 out["pullRequestUrl"] = f"{url}/{URL_PREFIX[repo.type]}{repo.id}/discussions/{repo.num_prs}"
             return out
@@ -445,7 +517,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _require_auth(self) -> None:
         if not self._authorized():
-            raise HubError(401, "Invalid credentials in Authorization header" if self.headers.get("Authorization") else "Authentication required: pass a token")
+            raise HubError(
+                401,
+                "Invalid credentials in Authorization header"
+                if self.headers.get("Authorization")
+                else "Authentication required: pass a token",
+            )
 
     def _body_chunks(self):
         """Yields the request body (Content-Length or chunked), enforcing max_body_bytes."""
@@ -547,8 +624,17 @@ class _Handler(BaseHTTPRequestHandler):
         hub, state = self.server.hub, self.server.hub.state
         if s == ["whoami-v2"] and method == "GET":
             self._require_auth()
-            self._send_json(200, {"type": "user", "id": "0" * 24, "name": state.user, "fullname": state.user, "orgs": [],
-                                  "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+            self._send_json(
+                200,
+                {
+                    "type": "user",
+                    "id": "0" * 24,
+                    "name": state.user,
+                    "fullname": state.user,
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+                },
+            )
             return True
         if s == ["validate-yaml"] and method == "POST":
             return self._validate_yaml()
@@ -557,7 +643,13 @@ class _Handler(BaseHTTPRequestHandler):
             payload = self._json_body()
             repo_type = payload.get("type") or "model"
             name, org = payload.get("name") or "", payload.get("organization") or state.user
-            if repo_type not in REPO_TYPES or not NAME_RE.fullmatch(name) or not NAME_RE.fullmatch(org) or "--" in name or ".." in name:
+            if (
+                repo_type not in REPO_TYPES
+                or not NAME_RE.fullmatch(name)
+                or not NAME_RE.fullmatch(org)
+                or "--" in name
+                or ".." in name
+            ):
                 raise HubError(400, f"Invalid repo name or type: {org}/{name} ({repo_type})")
             repo_id = f"{org}/{name}"
             url = f"{hub.url}/{URL_PREFIX[repo_type]}{repo_id}"
@@ -595,8 +687,11 @@ class _Handler(BaseHTTPRequestHandler):
         if rest[:1] == ["commits"] and len(rest) >= 2 and method == "GET":
             return self._commits(repo, "/".join(rest[1:]))
         if rest[:1] and re.fullmatch(r"xet-(read|write)-token", rest[0]):
-            raise HubError(501, "This test hub does not implement Xet storage: upload with HF_HUB_DISABLE_XET=1 "
-                                "(huggingface_hub then uses the preupload + LFS + commit protocol).")
+            raise HubError(
+                501,
+                "This test hub does not implement Xet storage: upload with HF_HUB_DISABLE_XET=1 "
+                "(huggingface_hub then uses the preupload + LFS + commit protocol).",
+            )
         # writes
         if rest[:1] in (["preupload"], ["commit"], ["branch"], ["tag"], ["settings"]):
             self._require_auth()
@@ -672,31 +767,56 @@ class _Handler(BaseHTTPRequestHandler):
         if "config.json" in files:
             try:
                 full = json.loads(self._read_text(files["config.json"]) or "{}")
-                config = {k: full[k] for k in ("architectures", "model_type", "auto_map", "tokenizer_config") if k in full}
+                config = {
+                    k: full[k] for k in ("architectures", "model_type", "auto_map", "tokenizer_config") if k in full
+                }
             except ValueError:
                 config = None
-        for extra in ([card.get("library_name")] if card.get("library_name") else []) + (["safetensors"] if any(p.endswith(".safetensors") for p in files) else []):
+        for extra in ([card.get("library_name")] if card.get("library_name") else []) + (
+            ["safetensors"] if any(p.endswith(".safetensors") for p in files) else []
+        ):
             if extra not in tags:
                 tags.append(extra)
         if card.get("license") and f"license:{card['license']}" not in tags:
             tags.append(f"license:{card['license']}")
-        for base in ([card["base_model"]] if isinstance(card.get("base_model"), str) else card.get("base_model") or []):
+        for base in [card["base_model"]] if isinstance(card.get("base_model"), str) else card.get("base_model") or []:
             tags.append(f"base_model:{base}")
         siblings = []
         for path in sorted(files):
             entry = files[path]
             sib = {"rfilename": path, "size": entry.size, "blobId": entry.git_oid}
             if entry.lfs:
-                sib["lfs"] = {"sha256": entry.sha256, "size": entry.size, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+                sib["lfs"] = {
+                    "sha256": entry.sha256,
+                    "size": entry.size,
+                    "pointerSize": len(lfs_pointer(entry.sha256, entry.size)),
+                }
             siblings.append(sib)
         data = {
-            "_id": hashlib.sha1(f"{repo.type}/{repo.id}".encode()).hexdigest()[:24], "id": repo.id, "author": repo.author,
-            "sha": oid, "lastModified": commit.date, "createdAt": repo.created_at, "private": repo.private, "gated": False,
-            "disabled": False, "downloads": 0, "likes": 0, "tags": tags, "siblings": siblings, "cardData": card or None,
-            "usedStorage": sum(e.size for e in files.values()), "spaces": [],
+            "_id": hashlib.sha1(f"{repo.type}/{repo.id}".encode()).hexdigest()[:24],
+            "id": repo.id,
+            "author": repo.author,
+            "sha": oid,
+            "lastModified": commit.date,
+            "createdAt": repo.created_at,
+            "private": repo.private,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": tags,
+            "siblings": siblings,
+            "cardData": card or None,
+            "usedStorage": sum(e.size for e in files.values()),
+            "spaces": [],
         }
         if repo.type == "model":
-            data.update(modelId=repo.id, library_name=card.get("library_name"), pipeline_tag=card.get("pipeline_tag"), config=config)
+            data.update(
+                modelId=repo.id,
+                library_name=card.get("library_name"),
+                pipeline_tag=card.get("pipeline_tag"),
+                config=config,
+            )
             safetensors = self._safetensors_info(files)
             if safetensors:
                 data["safetensors"] = safetensors
@@ -709,7 +829,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p in sorted(files):
             if not p.startswith(prefix):
                 continue
-            rest = p[len(prefix):]
+            rest = p[len(prefix) :]
             if "/" in rest:
                 parts = rest.split("/")
                 for depth in range(1, len(parts) if recursive else 2):
@@ -718,7 +838,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if not recursive:
                     continue
             out.append(files[p].tree_json(p))
-        out += [{"type": "directory", "oid": tree_oid, "size": 0, "path": folder} for folder, tree_oid in folders.items()]
+        out += [
+            {"type": "directory", "oid": tree_oid, "size": 0, "path": folder} for folder, tree_oid in folders.items()
+        ]
         return sorted(out, key=lambda e: e["path"])
 
     def _last_commit(self, repo: Repo, head: str, path: str) -> dict:
@@ -745,7 +867,9 @@ class _Handler(BaseHTTPRequestHandler):
             if path and path in files:
                 raise HubError(400, f"'{path}' is a file, not a folder")
             if path and not any(p.startswith(path + "/") for p in files):
-                raise HubError(404, f"Path {path} does not exist at {revision}", "EntryNotFound", {"X-Repo-Commit": oid})
+                raise HubError(
+                    404, f"Path {path} does not exist at {revision}", "EntryNotFound", {"X-Repo-Commit": oid}
+                )
             entries = self._entries(files, oid, path, recursive)
             if expand:
                 for e in entries:
@@ -757,7 +881,7 @@ class _Handler(BaseHTTPRequestHandler):
             query = {k: v[0] for k, v in self.query.items()}
             query["cursor"] = str(start + page)
             headers["Link"] = f'<{hub.url}{urlsplit(self.path).path}?{urlencode(query)}>; rel="next"'
-        self._send_json(200, entries[start:start + page], headers)
+        self._send_json(200, entries[start : start + page], headers)
         return True
 
     def _paths_info(self, repo: Repo, revision: str) -> bool:
@@ -777,7 +901,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if path in files:
                     entry = files[path].tree_json(path)
                 elif any(p.startswith(path + "/") for p in files):
-                    entry = {"type": "directory", "oid": hashlib.sha1(f"{oid}:{path}".encode()).hexdigest(), "size": 0, "path": path}
+                    entry = {
+                        "type": "directory",
+                        "oid": hashlib.sha1(f"{oid}:{path}".encode()).hexdigest(),
+                        "size": 0,
+                        "path": path,
+                    }
                 else:
                     continue
                 if expand:
@@ -788,11 +917,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refs(self, repo: Repo) -> bool:
         with self.server.hub.state.lock:
-            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c} for b, c in repo.branches.items() if not b.startswith("refs/")]
-            prs = [{"name": b, "ref": b, "targetCommit": c} for b, c in repo.branches.items() if b.startswith("refs/pr/")]
+            branches = [
+                {"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
+                for b, c in repo.branches.items()
+                if not b.startswith("refs/")
+            ]
+            prs = [
+                {"name": b, "ref": b, "targetCommit": c} for b, c in repo.branches.items() if b.startswith("refs/pr/")
+            ]
             tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": c} for t, c in repo.tags.items()]
         include_prs = self.query.get("include_prs", ["0"])[0] in ("1", "true", "True")
-        self._send_json(200, {"branches": branches, "converts": [], "tags": tags, **({"pullRequests": prs} if include_prs else {})})
+        self._send_json(
+            200, {"branches": branches, "converts": [], "tags": tags, **({"pullRequests": prs} if include_prs else {})}
+        )
         return True
 
     def _commits(self, repo: Repo, revision: str) -> bool:
@@ -801,8 +938,16 @@ class _Handler(BaseHTTPRequestHandler):
             out = []
             while oid:
                 c = repo.commits[oid]
-                out.append({"id": c.oid, "title": c.title, "message": c.message, "authors": [{"user": c.author}], "date": c.date,
-                            "formatted": {"title": c.title, "message": c.message}})
+                out.append(
+                    {
+                        "id": c.oid,
+                        "title": c.title,
+                        "message": c.message,
+                        "authors": [{"user": c.author}],
+                        "date": c.date,
+                        "formatted": {"title": c.title, "message": c.message},
+                    }
+                )
                 oid = c.parents[0] if c.parents else None
         self._send_json(200, out)
         return True
@@ -812,7 +957,9 @@ class _Handler(BaseHTTPRequestHandler):
         content = payload.get("content") or ""
         match = re.match(r"^\s*---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", content, re.S)
         if not match:
-            self._send_json(200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata in repo card"}]})
+            self._send_json(
+                200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata in repo card"}]}
+            )
             return True
         errors = []
         if yaml is not None:
@@ -823,11 +970,11 @@ class _Handler(BaseHTTPRequestHandler):
                 elif data:
                     for key in ("tags", "datasets", "language"):
                         if key in data and not isinstance(data[key], (list, str)):
-                            errors.append({"message": f"\"{key}\" must be a string or a list of strings"})
+                            errors.append({"message": f'"{key}" must be a string or a list of strings'})
                     if "license" in data and not isinstance(data["license"], str):
-                        errors.append({"message": "\"license\" must be a string"})
+                        errors.append({"message": '"license" must be a string'})
                     if "base_model" in data and not isinstance(data["base_model"], (list, str)):
-                        errors.append({"message": "\"base_model\" must be a string or a list of strings"})
+                        errors.append({"message": '"base_model" must be a string or a list of strings'})
             except yaml.YAMLError as exc:
                 errors.append({"message": f"Invalid YAML: {exc}"})
         if errors:
@@ -856,7 +1003,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if existing is not None:
                     remote_oid = existing.sha256 if existing.lfs else git_blob_oid(state.read_blob(existing.sha256))
                 ignore = any(_attr_match(p, path) for p in patterns if not p.startswith("!"))
-                out.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": ignore, "oid": remote_oid})
+                out.append(
+                    {"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": ignore, "oid": remote_oid}
+                )
         self._send_json(200, {"files": out, "commitOid": oid})
         return True
 
@@ -876,8 +1025,14 @@ class _Handler(BaseHTTPRequestHandler):
                     ops.append((item.get("key"), item.get("value") or {}))
         else:  # legacy JSON payload
             payload = json.loads(raw or b"{}")
-            header = {"summary": payload.get("summary"), "description": payload.get("description"), "parentCommit": payload.get("parentCommit")}
-            ops += [("file", f) for f in payload.get("files", [])] + [("lfsFile", f) for f in payload.get("lfsFiles", [])]
+            header = {
+                "summary": payload.get("summary"),
+                "description": payload.get("description"),
+                "parentCommit": payload.get("parentCommit"),
+            }
+            ops += [("file", f) for f in payload.get("files", [])] + [
+                ("lfsFile", f) for f in payload.get("lfsFiles", [])
+            ]
             ops += [("deletedFile", {"path": p} if isinstance(p, str) else p) for p in payload.get("deletedFiles", [])]
         out = hub.state.commit(repo, revision, header, ops, create_pr, hub.url)
         with hub.state.lock:
@@ -952,7 +1107,9 @@ class _Handler(BaseHTTPRequestHandler):
                 item["size"] = size if isinstance(size, int) else 0
             elif operation == "download":
                 if state.has_blob(oid, size):
-                    item["actions"] = {"download": {"href": f"{hub.storage_url}/lfs/{oid}?sig={self._sign('get', oid)}"}}
+                    item["actions"] = {
+                        "download": {"href": f"{hub.storage_url}/lfs/{oid}?sig={self._sign('get', oid)}"}
+                    }
                 else:
                     item["error"] = {"code": 404, "message": "Object does not exist"}
             elif operation == "upload":
@@ -965,8 +1122,18 @@ class _Handler(BaseHTTPRequestHandler):
                             hub.multipart[upload_id] = {"oid": oid, "size": size, "chunk": chunk}
                         n = -(-size // chunk)
                         header = {"chunk_size": str(chunk)}
-                        header.update({f"{i:05d}": f"{hub.storage_url}/lfs-part/{upload_id}/{i}?sig={self._sign('part', upload_id, i)}" for i in range(1, n + 1)})
-                        upload = {"href": f"{hub.storage_url}/lfs-complete/{upload_id}?sig={self._sign('complete', upload_id)}", "header": header}
+                        header.update(
+                            {
+                                f"{i:05d}": f"{hub.storage_url}/lfs-part/{upload_id}/{i}"
+                                f"?sig={self._sign('part', upload_id, i)}"
+                                for i in range(1, n + 1)
+                            }
+                        )
+                        upload = {
+                            "href": f"{hub.storage_url}/lfs-complete/{upload_id}"
+                            f"?sig={self._sign('complete', upload_id)}",
+                            "header": header,
+                        }
                     else:
                         upload = {"href": f"{hub.storage_url}/lfs/{oid}?size={size}&sig={self._sign('put', oid, size)}"}
                     item["actions"] = {"upload": upload, "verify": verify}
@@ -974,8 +1141,13 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise HubError(400, f"unknown LFS operation {operation!r}")
             objects.append(item)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(), {}, "POST",
-                   "application/vnd.git-lfs+json")
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(),
+            {},
+            "POST",
+            "application/vnd.git-lfs+json",
+        )
         return True
 
     def _lfs_verify(self, repo_type: str, repo_id: str) -> bool:
@@ -1019,7 +1191,9 @@ class _Handler(BaseHTTPRequestHandler):
             tmp, sha, got = self._receive_to_file()
             if sha != oid or got != size:
                 tmp.unlink(missing_ok=True)
-                raise HubError(400, f"Uploaded content does not match: sha256 {sha} size {got}, expected {oid} size {size}")
+                raise HubError(
+                    400, f"Uploaded content does not match: sha256 {sha} size {got}, expected {oid} size {size}"
+                )
             state.adopt_blob_file(tmp, oid)
             with state.lock:
                 hub.stats["lfs_uploads"] += 1
@@ -1048,7 +1222,9 @@ class _Handler(BaseHTTPRequestHandler):
             parts = upload.get("parts", {})
             listed = payload.get("parts", [])
             try:
-                if [p["partNumber"] for p in listed] != sorted(parts) or any(p["etag"].strip('"') != parts[p["partNumber"]][1] for p in listed):
+                if [p["partNumber"] for p in listed] != sorted(parts) or any(
+                    p["etag"].strip('"') != parts[p["partNumber"]][1] for p in listed
+                ):
                     raise HubError(400, "Multipart completion does not match the uploaded parts")
                 tmp = state.new_upload_path()
                 digest = hashlib.sha256()
@@ -1058,7 +1234,11 @@ class _Handler(BaseHTTPRequestHandler):
                             while data := fh.read(1 << 20):
                                 out.write(data)
                                 digest.update(data)
-                if digest.hexdigest() != upload["oid"] or tmp.stat().st_size != upload["size"] or payload.get("oid") != upload["oid"]:
+                if (
+                    digest.hexdigest() != upload["oid"]
+                    or tmp.stat().st_size != upload["size"]
+                    or payload.get("oid") != upload["oid"]
+                ):
                     tmp.unlink(missing_ok=True)
                     raise HubError(400, "Multipart upload content does not match its oid / size")
                 state.adopt_blob_file(tmp, upload["oid"])
@@ -1076,7 +1256,11 @@ class _Handler(BaseHTTPRequestHandler):
             if not state.has_blob(oid):
                 raise HubError(404, "Object does not exist")
             name = self.query.get("name", [oid])[0]
-            self._send_file(method, state.blob_path(oid), {"ETag": f'"{oid}"', "Content-Disposition": f'attachment; filename="{name}"'})
+            self._send_file(
+                method,
+                state.blob_path(oid),
+                {"ETag": f'"{oid}"', "Content-Disposition": f'attachment; filename="{name}"'},
+            )
             return True
         return False
 
@@ -1130,9 +1314,17 @@ class _Handler(BaseHTTPRequestHandler):
             hub.stats["downloads"][path] += method == "GET"
         common = {"X-Repo-Commit": oid, "Cache-Control": "no-store"}
         if entry.lfs:
-            location = f"{hub.storage_url}/lfs/{entry.sha256}?{urlencode({'name': path.rsplit('/', 1)[-1], 'sig': self._sign('get', entry.sha256)})}"
-            headers = {**common, "Location": location, "ETag": f'"{entry.git_oid}"', "X-Linked-Etag": f'"{entry.sha256}"',
-                       "X-Linked-Size": entry.size}
+            location = (
+                f"{hub.storage_url}/lfs/{entry.sha256}?"
+                f"{urlencode({'name': path.rsplit('/', 1)[-1], 'sig': self._sign('get', entry.sha256)})}"
+            )
+            headers = {
+                **common,
+                "Location": location,
+                "ETag": f'"{entry.git_oid}"',
+                "X-Linked-Etag": f'"{entry.sha256}"',
+                "X-Linked-Size": entry.size,
+            }
             self._send(302, b"", headers, method, "text/plain")
             return True
         self._send_file(method, state.blob_path(entry.sha256), {**common, "ETag": f'"{entry.git_oid}"'})
@@ -1153,9 +1345,18 @@ class HubServer:
         tree_page_size: entries per ``/tree`` page (the Hub's is 1000).
     """
 
-    def __init__(self, root=None, *, user: str = "tester", token: str | None = None, host: str = "127.0.0.1",
-                 max_body_bytes: int = 2 * 1024**3, max_connections: int = 64, multipart_chunk_size: int | None = None,
-                 tree_page_size: int = 1000):
+    def __init__(
+        self,
+        root=None,
+        *,
+        user: str = "tester",
+        token: str | None = None,
+        host: str = "127.0.0.1",
+        max_body_bytes: int = 2 * 1024**3,
+        max_connections: int = 64,
+        multipart_chunk_size: int | None = None,
+        tree_page_size: int = 1000,
+    ):
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("the test hub only listens on the loopback interface")
         self._own_root = root is None
@@ -1167,16 +1368,28 @@ class HubServer:
         self.multipart: dict[str, dict] = {}
         self.log: collections.deque = collections.deque(maxlen=2000)
         self.stats = {
-            "requests": 0, "commits": 0, "regular_files_committed": 0, "lfs_files_committed": 0, "lfs_uploads": 0,
-            "lfs_multipart_uploads": 0, "storage_requests_with_auth": 0, "downloads": collections.Counter(),
-            "routes": collections.Counter(), "unhandled": [], "errors": [],
+            "requests": 0,
+            "commits": 0,
+            "regular_files_committed": 0,
+            "lfs_files_committed": 0,
+            "lfs_uploads": 0,
+            "lfs_multipart_uploads": 0,
+            "storage_requests_with_auth": 0,
+            "downloads": collections.Counter(),
+            "routes": collections.Counter(),
+            "unhandled": [],
+            "errors": [],
         }
         self._slots = {role: threading.BoundedSemaphore(max_connections) for role in ("hub", "storage")}
         self._servers = [_Server(self, "hub", "127.0.0.1", 0), _Server(self, "storage", "127.0.0.1", 0)]
         self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
         self.storage_url = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
-        self._threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
-                                          name=f"test-hub-{s.role}") for s in self._servers]
+        self._threads = [
+            threading.Thread(
+                target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True, name=f"test-hub-{s.role}"
+            )
+            for s in self._servers
+        ]
         for thread in self._threads:
             thread.start()
         self._stopped = False
@@ -1202,14 +1415,26 @@ class HubServer:
     def client_env(self, home: str | os.PathLike | None = None, token: str = "hf_test_token") -> dict:
         """Environment variables that point a fresh ``huggingface_hub`` / ``transformers`` process at this server."""
         env = {
-            "HF_ENDPOINT": self.url, "HF_TOKEN": self.token or token, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0",
-            "HF_HUB_ETAG_TIMEOUT": "30", "HF_HUB_DOWNLOAD_TIMEOUT": "60",
+            "HF_ENDPOINT": self.url,
+            "HF_TOKEN": self.token or token,
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+            "HF_HUB_DISABLE_IMPLICIT_TOKEN": "0",
+            "HF_HUB_ETAG_TIMEOUT": "30",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "60",
         }
         if home is not None:
-            env.update(HF_HOME=str(home), HF_HUB_CACHE=str(Path(home) / "hub"), HF_XET_CACHE=str(Path(home) / "xet"),
-                       HF_MODULES_CACHE=str(Path(home) / "modules"))
+            env.update(
+                HF_HOME=str(home),
+                HF_HUB_CACHE=str(Path(home) / "hub"),
+                HF_XET_CACHE=str(Path(home) / "xet"),
+                HF_MODULES_CACHE=str(Path(home) / "modules"),
+            )
         return env
 
 

@@ -7,6 +7,9 @@ import torch
 
 from deem.trainers import DeemTrainer
 from deem.trainers.data import DeemDataCollator, read_pairs
+
+# isort: split
+# the test helpers after the package (this order is what the two-process run was verified with)
 from test_trainer import _args, _real_tokenizer_setup
 
 out, shards = sys.argv[1], sys.argv[2:]
@@ -21,7 +24,12 @@ def collate(samples):
 
 
 dataset = read_pairs(shards, text_drop_prob=0.0, shuffle=False)
-trainer = DeemTrainer(model, _args(out, 3, max_steps=2, per_device_train_batch_size=2, save_strategy="no"), train_dataset=dataset, data_collator=collate)
+trainer = DeemTrainer(
+    model,
+    _args(out, 3, max_steps=2, per_device_train_batch_size=2, save_strategy="no"),
+    train_dataset=dataset,
+    data_collator=collate,
+)
 trainer.train()
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 with open(f"{out}/seen{rank}.json", "w") as f:

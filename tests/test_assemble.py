@@ -13,7 +13,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from tokenizer_utils import build_test_tokenizer
 
 SD_TEXT_LEN = 16  # the tiny SD tokenizer's model_max_length (77 for the real one)
@@ -21,7 +20,14 @@ HIDDEN = 32
 CROSS_DIM = 32
 
 OVERRIDES = {
-    "perceiver_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+    "perceiver_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
     "decoder_perceiver_config": {"num_attention_heads": 4, "intermediate_size": 64},
     "cross_attention_config": {"num_points": 2, "frequency": 2},
     "diffusion_config": {"side_num_heads": 4, "side_num_points": 2},
@@ -107,8 +113,16 @@ def write_llama(path, tie=False, seed=0):
 
     tokenizer = build_test_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
@@ -138,10 +152,23 @@ def write_clip_tokenizer(path):
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (path / "merges.txt").write_text("#version: 0.2\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }
     (path / "special_tokens_map.json").write_text(json.dumps(special))
     (path / "tokenizer_config.json").write_text(
-        json.dumps({**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": SD_TEXT_LEN, "do_lower_case": True, "errors": "replace"})
+        json.dumps(
+            {
+                **special,
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": SD_TEXT_LEN,
+                "do_lower_case": True,
+                "errors": "replace",
+            }
+        )
     )
     return len(tokens)
 
@@ -159,8 +186,16 @@ def write_sd(path, seed=0):
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
     vocab = write_clip_tokenizer(path / "tokenizer")
     text = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=CROSS_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=SD_TEXT_LEN, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1, projection_dim=CROSS_DIM,
+        vocab_size=vocab,
+        hidden_size=CROSS_DIM,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=SD_TEXT_LEN,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=1,
+        projection_dim=CROSS_DIM,
     )
     CLIPTextModel(text).save_pretrained(path / "text_encoder")
     (path / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
@@ -175,18 +210,20 @@ def write_clip(path, seed=0, extra=None):
     trunk = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), num_classes=0)
     state = {f"visual.trunk.{k}": v.clone() for k, v in trunk.state_dict().items()}
     width = 16
-    state.update({
-        "visual.head.proj.weight": torch.randn(width, 32),
-        "positional_embedding": torch.randn(SD_TEXT_LEN, width),
-        "text_projection": torch.randn(width, width),
-        "logit_scale": torch.tensor(4.6052),
-        "token_embedding.weight": torch.randn(64, width),
-        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * width, width),
-        "transformer.resblocks.0.attn.in_proj_bias": torch.zeros(3 * width),
-        "transformer.resblocks.0.ln_1.weight": torch.ones(width),
-        "ln_final.weight": torch.ones(width),
-        "ln_final.bias": torch.zeros(width),
-    })
+    state.update(
+        {
+            "visual.head.proj.weight": torch.randn(width, 32),
+            "positional_embedding": torch.randn(SD_TEXT_LEN, width),
+            "text_projection": torch.randn(width, width),
+            "logit_scale": torch.tensor(4.6052),
+            "token_embedding.weight": torch.randn(64, width),
+            "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * width, width),
+            "transformer.resblocks.0.attn.in_proj_bias": torch.zeros(3 * width),
+            "transformer.resblocks.0.ln_1.weight": torch.ones(width),
+            "ln_final.weight": torch.ones(width),
+            "ln_final.bias": torch.zeros(width),
+        }
+    )
     state.update(extra or {})
     torch.save(state, path)
     return state
@@ -198,7 +235,16 @@ def components(tmp_path_factory):
     llama = write_llama(root / "vicuna")
     unet, vae = write_sd(root / "sd21")
     clip = write_clip(root / "open_clip_pytorch_model.bin")
-    return {"root": root, "llm": root / "vicuna", "sd": root / "sd21", "clip": root / "open_clip_pytorch_model.bin", "llama": llama, "unet": unet, "vae": vae, "clip_state": clip}
+    return {
+        "root": root,
+        "llm": root / "vicuna",
+        "sd": root / "sd21",
+        "clip": root / "open_clip_pytorch_model.bin",
+        "llama": llama,
+        "unet": unet,
+        "vae": vae,
+        "clip_state": clip,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +293,9 @@ def test_text_logits_equal_the_source_llama_and_new_tokens_start_at_minus_5(comp
     assert torch.equal(head.base.weight[:v0], llama.lm_head.weight)
     assert torch.equal(head.base.weight[v0:], torch.zeros(6, HIDDEN))
     assert torch.equal(head.base.bias, torch.cat([torch.zeros(v0), torch.full((6,), -100.0)]))
-    assert torch.equal(head.new_tokens.weight, torch.zeros(6, HIDDEN)) and torch.equal(head.new_tokens.bias, torch.full((6,), 95.0))
+    assert torch.equal(head.new_tokens.weight, torch.zeros(6, HIDDEN)) and torch.equal(
+        head.new_tokens.bias, torch.full((6,), 95.0)
+    )
 
 
 def test_new_embedding_rows_are_freshly_initialised_and_stage_1_is_set(components, assembled):
@@ -280,12 +328,20 @@ def test_stage_1_training_step_runs_on_the_assembled_model(components):
     model, processor = _assemble(components)
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 40, 48, generator=g) for _ in range(2)]
-    batch = processor(["A photo of a cat. <image> The cat is sitting on a table. <image>", "<image> A dog is looking at the river."], images=[images, images[:1]], add_eos=True, generator=0)
+    batch = processor(
+        ["A photo of a cat. <image> The cat is sitting on a table. <image>", "<image> A dog is looking at the river."],
+        images=[images, images[:1]],
+        add_eos=True,
+        generator=0,
+    )
     model.train()
     out = model(**batch, generator=torch.Generator().manual_seed(0))
     assert all(torch.isfinite(x) for x in (out.loss, out.loss_ntp, out.loss_nip, out.loss_csr))
     out.loss.backward()
-    assert model.lm_head.new_tokens.bias.grad is not None and model.language_model.layers[0].cross_attn.gate.grad is not None
+    assert (
+        model.lm_head.new_tokens.bias.grad is not None
+        and model.language_model.layers[0].cross_attn.gate.grad is not None
+    )
     assert model.language_model.embed_tokens.weight.grad is None and model.unet.conv_in.weight.grad is None
 
 
@@ -299,7 +355,9 @@ def test_trunk_unet_vae_and_null_condition_come_from_the_sources(components, ass
 
     model, _ = assembled
     trunk = model.image_encoder.backbone.trunk.state_dict()
-    source = {k[len("visual.trunk.") :]: v for k, v in components["clip_state"].items() if k.startswith("visual.trunk.")}
+    source = {
+        k[len("visual.trunk.") :]: v for k, v in components["clip_state"].items() if k.startswith("visual.trunk.")
+    }
     assert set(trunk) == set(source)
     assert all(torch.equal(trunk[k], source[k]) for k in source)
     for name in ("unet", "vae"):
@@ -321,12 +379,22 @@ def test_sizes_are_read_from_the_components(components, assembled):
     cfg = model.config
     v0 = components["llama"].config.vocab_size
     assert cfg.original_vocab_size == v0 and cfg.text_config.vocab_size == v0 + 6
-    assert cfg.text_config.num_hidden_layers == 2 and cfg.text_config.num_key_value_heads == 2 and cfg.text_config.hidden_size == HIDDEN
+    assert (
+        cfg.text_config.num_hidden_layers == 2
+        and cfg.text_config.num_key_value_heads == 2
+        and cfg.text_config.hidden_size == HIDDEN
+    )
     assert list(cfg.vision_config.depths) == [1, 1, 1, 1] and list(cfg.vision_config.dims) == [8, 16, 24, 32]
-    assert cfg.decoder_perceiver_config.num_queries == SD_TEXT_LEN and cfg.decoder_perceiver_config.hidden_size == CROSS_DIM
+    assert (
+        cfg.decoder_perceiver_config.num_queries == SD_TEXT_LEN
+        and cfg.decoder_perceiver_config.hidden_size == CROSS_DIM
+    )
     assert cfg.decoder_perceiver_config.encoder_hidden_size == HIDDEN
     assert cfg.diffusion_config.unet["cross_attention_dim"] == CROSS_DIM and cfg.diffusion_config.image_size == 64
-    assert cfg.diffusion_config.scheduler["beta_schedule"] == "scaled_linear" and "_class_name" not in cfg.diffusion_config.scheduler
+    assert (
+        cfg.diffusion_config.scheduler["beta_schedule"] == "scaled_linear"
+        and "_class_name" not in cfg.diffusion_config.scheduler
+    )
     assert list(cfg.cross_attention_config.spatial_shapes) == [8, 4, 2]
     assert processor.image_processor.size == 64 and processor.image_processor.decoder_size == 64
     assert processor.num_image_tokens == 4 == cfg.num_image_tokens
@@ -344,7 +412,14 @@ def test_tokenizer_has_the_six_tokens_after_the_base_vocab(components, assembled
     names = ["<|startofimage|>", "<|sniffer|>", "<ref>", "</ref>", "<box>", "</box>"]
     assert len(tok) == v0 + 6
     assert tok.convert_tokens_to_ids(names) == list(range(v0, v0 + 6))
-    ids = [cfg.soi_token_id, cfg.image_token_id, cfg.ref_start_token_id, cfg.ref_end_token_id, cfg.box_start_token_id, cfg.box_end_token_id]
+    ids = [
+        cfg.soi_token_id,
+        cfg.image_token_id,
+        cfg.ref_start_token_id,
+        cfg.ref_end_token_id,
+        cfg.box_start_token_id,
+        cfg.box_end_token_id,
+    ]
     assert ids == list(range(v0, v0 + 6))
     assert (processor.soi_token_id, processor.image_token_id) == (v0, v0 + 1)
     assert cfg.bos_token_id == tok.bos_token_id == 1 and cfg.eos_token_id == tok.eos_token_id == 2
@@ -379,11 +454,30 @@ def test_cli_writes_the_model(components, tmp_path, capsys):
     from deem.conversion.assemble import main
 
     out = tmp_path / "cli-out"
-    main([
-        "--llm", str(components["llm"]), "--sd", str(components["sd"]), "--clip", str(components["clip"]), "--out", str(out),
-        "--image-size", "64", "--num-image-tokens", "4", "--image-embed-dim", "32", "--seed", "0", "--dtype", "bfloat16",
-        "--config-overrides", json.dumps(OVERRIDES),
-    ])
+    main(
+        [
+            "--llm",
+            str(components["llm"]),
+            "--sd",
+            str(components["sd"]),
+            "--clip",
+            str(components["clip"]),
+            "--out",
+            str(out),
+            "--image-size",
+            "64",
+            "--num-image-tokens",
+            "4",
+            "--image-embed-dim",
+            "32",
+            "--seed",
+            "0",
+            "--dtype",
+            "bfloat16",
+            "--config-overrides",
+            json.dumps(OVERRIDES),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "open_clip ConvNeXt" in printed and "ignored" in printed
     config = json.loads((out / "config.json").read_text())
@@ -394,7 +488,18 @@ def test_cli_writes_the_model(components, tmp_path, capsys):
     assert weights["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
     assert weights["image_decoder.vae.encoder.conv_in.weight"].dtype == torch.float32  # the VAE stays fp32
     with pytest.raises(SystemExit):
-        main(["--llm", str(components["llm"]), "--sd", str(components["sd"]), "--clip", str(components["clip"]), "--out", str(out)])
+        main(
+            [
+                "--llm",
+                str(components["llm"]),
+                "--sd",
+                str(components["sd"]),
+                "--clip",
+                str(components["clip"]),
+                "--out",
+                str(out),
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -417,7 +522,9 @@ def test_tied_embedding_llama_and_sd_without_text_encoder(components, tmp_path, 
     assert torch.equal(model.lm_head.base.weight[:v0], llama.model.embed_tokens.weight)
     ids = torch.randint(3, v0, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, return_loss=False).logits[..., :v0], llama(input_ids=ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model(input_ids=ids, return_loss=False).logits[..., :v0], llama(input_ids=ids).logits, rtol=0, atol=1e-6
+        )
     assert model.config.decoder_perceiver_config.num_queries == 77  # no text encoder: the paper's 77
 
 
@@ -440,7 +547,12 @@ def test_sharded_llama_and_old_vae_attention_names(components, tmp_path):
     vae = load_file(sd / "vae" / "diffusion_pytorch_model.safetensors")
     renamed = {}
     for k, v in vae.items():
-        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn.")):
+        for new, old in (
+            (".to_q.", ".query."),
+            (".to_k.", ".key."),
+            (".to_v.", ".value."),
+            (".to_out.0.", ".proj_attn."),
+        ):
             if "mid_block.attentions.0" in k and new in k:
                 k = k.replace(new, old)
         renamed[k] = v
@@ -449,7 +561,9 @@ def test_sharded_llama_and_old_vae_attention_names(components, tmp_path):
     model, _ = _assemble(components, llm=llm, sd=sd)
     ref = components["vae"].state_dict()
     assert all(torch.equal(model.vae.state_dict()[k], ref[k]) for k in ref)
-    assert torch.equal(model.language_model.layers[1].mlp.down_proj.weight, components["llama"].model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(
+        model.language_model.layers[1].mlp.down_proj.weight, components["llama"].model.layers[1].mlp.down_proj.weight
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -471,7 +585,13 @@ def _other_model_llama(components, tmp_path):
     weights["model.vision_tower.proj.weight"] = torch.zeros(2, 2)
     weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(65, HIDDEN)
     save_file(weights, llm / "model.safetensors", metadata={"format": "pt"})
-    return {"llm": llm}, [str(llm / "model.safetensors"), "model.norm.weight", "model.vision_tower.proj.weight", "model.layers.1.mlp.up_proj.weight", "(65, 32)"]
+    return {"llm": llm}, [
+        str(llm / "model.safetensors"),
+        "model.norm.weight",
+        "model.vision_tower.proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "(65, 32)",
+    ]
 
 
 def _unsafe_pickle(components, tmp_path):
@@ -510,13 +630,24 @@ def _unet_missing(components, tmp_path):
 def _v_prediction(components, tmp_path):
     sd = tmp_path / "sd-v"
     shutil.copytree(components["sd"], sd)
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SCHEDULER, "prediction_type": "v_prediction"}))
+    (sd / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**SCHEDULER, "prediction_type": "v_prediction"})
+    )
     return {"sd": sd}, [str(sd / "scheduler" / "scheduler_config.json"), "v_prediction"]
 
 
 @pytest.mark.parametrize(
     "make_bad",
-    [_truncated_llama, _other_model_llama, _unsafe_pickle, _clip_unknown_key, _vocab_mismatch, _queries_mismatch, _unet_missing, _v_prediction],
+    [
+        _truncated_llama,
+        _other_model_llama,
+        _unsafe_pickle,
+        _clip_unknown_key,
+        _vocab_mismatch,
+        _queries_mismatch,
+        _unet_missing,
+        _v_prediction,
+    ],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_bad_inputs_raise_clear_errors_and_write_nothing(components, tmp_path, make_bad):

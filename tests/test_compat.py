@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import REPO, tiny_model
 
 
@@ -52,7 +51,11 @@ def test_forward_takes_the_cache_under_either_name(model):
     torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
     torch.testing.assert_close(results[0], full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cache was given twice"):
-        model(input_ids=ids, cache=DynamicCache(config=cfg.text_config), past_key_values=DynamicCache(config=cfg.text_config))
+        model(
+            input_ids=ids,
+            cache=DynamicCache(config=cfg.text_config),
+            past_key_values=DynamicCache(config=cfg.text_config),
+        )
 
 
 SCRIPT = textwrap.dedent(
@@ -106,7 +109,9 @@ SCRIPT = textwrap.dedent(
 def test_no_future_warning_or_deprecation_from_our_code():
     """In a fresh process (transformers warns once per process): forward, train, every generate mode, the streamer,
     save and processor load with FutureWarning as an error and no deprecation / remote-code / model-type log."""
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=280, stdin=subprocess.DEVNULL
+    )
     assert done.returncode == 0 and "CLEAN" in done.stdout, done.stderr[-4000:]
 
 
@@ -114,7 +119,6 @@ def test_processor_from_pretrained_needs_no_remote_code(tmp_path, monkeypatch):
     """Our package loading our own files: AutoConfig / the remote-code prompt are never consulted."""
     import transformers.dynamic_module_utils as dynamic
     import transformers.models.auto.configuration_auto as configuration_auto
-
     from tokenizer_utils import build_test_tokenizer
 
     from deem import DeemImageProcessor, DeemProcessor, prepare_tokenizer

@@ -31,13 +31,32 @@ def original_files(parity_a_dir, tmp_path_factory):
 
 
 def args(root, out, checkpoint="pytorch_model.bin", extra=()):
-    return ["--checkpoint", str(root / checkpoint), "--config", str(root / "pretrain.yaml"), "--llm", str(root / "llm"), "--sd", str(root / "sd"), "--out", str(out), "--image-size", "64", *extra]
+    return [
+        "--checkpoint",
+        str(root / checkpoint),
+        "--config",
+        str(root / "pretrain.yaml"),
+        "--llm",
+        str(root / "llm"),
+        "--sd",
+        str(root / "sd"),
+        "--out",
+        str(out),
+        "--image-size",
+        "64",
+        *extra,
+    ]
 
 
 def test_command_line_converts_and_verifies(original_files, parity_a_dir, tmp_path):
     root, state = original_files
     out = tmp_path / "converted"
-    proc = subprocess.run([sys.executable, "-m", "deem", "convert", *args(root, out, extra=["--verify", str(parity_a_dir)])], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deem", "convert", *args(root, out, extra=["--verify", str(parity_a_dir)])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "verified" in proc.stderr
     from deem import DeemForInterleavedGeneration
@@ -72,7 +91,13 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(original_files, tmp_path
     root, state = original_files
     out = tmp_path / "out"
     # another model's checkpoint
-    torch.save({"encoder.layer.0.weight": torch.zeros(2, 2), **{k: v for k, v in state.items() if not k.startswith("mm_decoder.")}}, root / "other.bin")
+    torch.save(
+        {
+            "encoder.layer.0.weight": torch.zeros(2, 2),
+            **{k: v for k, v in state.items() if not k.startswith("mm_decoder.")},
+        },
+        root / "other.bin",
+    )
     _expect_failure(root, out, "other.bin", r"unmapped key.*encoder\.layer\.0\.weight.*missing.*language_model")
     # truncated file
     data = (root / "pytorch_model.bin").read_bytes()
@@ -98,12 +123,41 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(original_files, tmp_path
     from deem.conversion.convert_original import main
     from deem.conversion.original import ConversionError
 
-    with pytest.raises(ConversionError, match=r"shape mismatch.*image_encoder\.perceiver\.queries: checkpoint \(1, 8, 32\) vs model \(1, 6, 32\)"):
-        main(["--checkpoint", str(root / "pytorch_model.bin"), "--config", str(root / "wrong.yaml"), "--llm", str(root / "llm"), "--sd", str(root / "sd"), "--out", str(out), "--image-size", "64"])
+    with pytest.raises(
+        ConversionError,
+        match=r"shape mismatch.*image_encoder\.perceiver\.queries: checkpoint \(1, 8, 32\) vs model \(1, 6, 32\)",
+    ):
+        main(
+            [
+                "--checkpoint",
+                str(root / "pytorch_model.bin"),
+                "--config",
+                str(root / "wrong.yaml"),
+                "--llm",
+                str(root / "llm"),
+                "--sd",
+                str(root / "sd"),
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+            ]
+        )
     assert not out.exists()
     # diffusion weights without the SD configs
     with pytest.raises(ConversionError, match="--sd"):
-        main(["--checkpoint", str(root / "pytorch_model.bin"), "--config", str(root / "pretrain.yaml"), "--llm", str(root / "llm"), "--out", str(out)])
+        main(
+            [
+                "--checkpoint",
+                str(root / "pytorch_model.bin"),
+                "--config",
+                str(root / "pretrain.yaml"),
+                "--llm",
+                str(root / "llm"),
+                "--out",
+                str(out),
+            ]
+        )
     assert not out.exists()
 
 
@@ -116,6 +170,8 @@ def test_duplicated_null_embedding_must_agree(original_files):
     with pytest.raises(ConversionError, match="neg_prompt_embeds differs"):
         convert_state_dict(bad)
     bad = dict(state)
-    bad["mm_decoder.layers.0.llama_cross_attn.attn.ignore_token"] = torch.ones_like(state["mm_decoder.layers.0.llama_cross_attn.attn.ignore_token"])
+    bad["mm_decoder.layers.0.llama_cross_attn.attn.ignore_token"] = torch.ones_like(
+        state["mm_decoder.layers.0.llama_cross_attn.attn.ignore_token"]
+    )
     with pytest.raises(ConversionError, match="ignore_token.*all zeros"):
         convert_state_dict(bad)

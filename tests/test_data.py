@@ -298,8 +298,13 @@ def write_coco(tmp_path, width=8, height=6, entry_size=None, rle_size=None):
         "annotations": [
             {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]], "iscrowd": 0},
             {"id": 2, "image_id": 7, "category_id": 2, "segmentation": encode_rle(region, True), "iscrowd": 1},
-            {"id": 3, "image_id": 7, "category_id": 2, "segmentation": encode_rle(region, False),
-             "caption": "The right box"},
+            {
+                "id": 3,
+                "image_id": 7,
+                "category_id": 2,
+                "segmentation": encode_rle(region, False),
+                "caption": "The right box",
+            },
         ],
         "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "box"}],
     }
@@ -381,8 +386,12 @@ def test_collator_labels_follow_segments_and_section_4_1(processor):
 
     from deem.modeling.modeling_deem import default_labels
 
-    cfg = SimpleNamespace(image_token_id=processor.image_token_id, bos_token_id=tok.bos_token_id,
-                          pad_token_id=tok.pad_token_id, soi_token_id=processor.soi_token_id)
+    cfg = SimpleNamespace(
+        image_token_id=processor.image_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        soi_token_id=processor.soi_token_id,
+    )
     assert torch.equal(default_labels(ids[1:], mask[1:], cfg), labels[1:])
     left = DeemDataCollator(processor, padding_side="left", train_transforms=False)([sft, doc])
     assert (left["input_ids"][:, -1] == tok.eos_token_id).all() and left["attention_mask"][:, -1].all()
@@ -613,8 +622,13 @@ def test_bad_too_many_images(tmp_path, processor):
     assert batch["input_ids"].shape[0] == 1 and collator.skipped["too_many_images"] == 1
     with pytest.raises(DataError, match="3 images, more than the limit of 2"):
         DeemDataCollator(processor, max_images=2, on_error="raise")([crowded])
-    rec = [{"id": 1, "image": "x.jpg", "conversations": [{"from": "human", "value": "<image><image>q"},
-                                                         {"from": "gpt", "value": "a"}]}]
+    rec = [
+        {
+            "id": 1,
+            "image": "x.jpg",
+            "conversations": [{"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}],
+        }
+    ]
     (tmp_path / "l.json").write_text(json.dumps(rec))
     with pytest.raises(DataError, match=r"l\.json: record 0 turn 0: 2 <image> markers for 1 image"):
         read_llava(tmp_path / "l.json", images, on_error="raise", use_datasets=False)[0]
@@ -701,10 +715,24 @@ def test_batches_run_through_the_model(tmp_path):
 
     tok = prepare_tokenizer(build_test_tokenizer())
     text = tiny_config().text_config.to_dict()
-    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
-    names = {"soi": "<|startofimage|>", "image": "<|sniffer|>", "ref_start": "<ref>", "ref_end": "</ref>",
-             "box_start": "<box>", "box_end": "</box>"}
+    keep = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    )
+    names = {
+        "soi": "<|startofimage|>",
+        "image": "<|sniffer|>",
+        "ref_start": "<ref>",
+        "ref_end": "</ref>",
+        "box_start": "<box>",
+        "box_end": "</box>",
+    }
     config = tiny_config(
         text_config={k: text[k] for k in keep} | {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id},
         original_vocab_size=tok.vocab_size,

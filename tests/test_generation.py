@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import tiny_batch, tiny_model
 
 
@@ -34,7 +33,9 @@ def test_text_only_greedy_equals_plain_llama(model):
     cfg = model.config
     llama = plain_llama(model)
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([torch.full((3, 1), cfg.bos_token_id), torch.randint(3, cfg.original_vocab_size - 2, (3, 6), generator=g)], 1)
+    ids = torch.cat(
+        [torch.full((3, 1), cfg.bos_token_id), torch.randint(3, cfg.original_vocab_size - 2, (3, 6), generator=g)], 1
+    )
     ids[2, :2] = cfg.pad_token_id  # a left-padded row
     mask = torch.ones_like(ids)
     mask[2, :2] = 0
@@ -51,12 +52,33 @@ def test_cached_decoding_with_images_equals_uncached(model):
     batch = tiny_batch(cfg, seed=5, pad_side="left")
     batch.pop("pixel_values_decoder")
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=6, do_sample=False, soi="suppress", eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, output_scores=True, return_dict_in_generate=True)
+        out = model.generate(
+            **batch,
+            max_new_tokens=6,
+            do_sample=False,
+            soi="suppress",
+            eos_token_id=cfg.eos_token_id,
+            pad_token_id=cfg.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         seq = out.sequences
         assert seq.shape[1] > batch["input_ids"].shape[1]
-        full_mask = torch.cat([batch["attention_mask"], torch.ones(seq.shape[0], seq.shape[1] - batch["input_ids"].shape[1], dtype=torch.long)], 1)
+        full_mask = torch.cat(
+            [
+                batch["attention_mask"],
+                torch.ones(seq.shape[0], seq.shape[1] - batch["input_ids"].shape[1], dtype=torch.long),
+            ],
+            1,
+        )
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        full = model(input_ids=seq, attention_mask=full_mask, pixel_values=batch["pixel_values"], position_ids=position_ids, return_loss=False).logits
+        full = model(
+            input_ids=seq,
+            attention_mask=full_mask,
+            pixel_values=batch["pixel_values"],
+            position_ids=position_ids,
+            return_loss=False,
+        ).logits
     prompt = batch["input_ids"].shape[1]
     for step, scores in enumerate(out.scores):
         raw = full[:, prompt - 1 + step].clone()
@@ -78,8 +100,21 @@ def test_soi_stops_or_is_suppressed(model):
     from transformers import LogitsProcessorList
 
     with torch.no_grad():
-        stopped = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([ForceSoi()]), pad_token_id=cfg.pad_token_id)
-        suppressed = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, soi="suppress", pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id)
+        stopped = model.generate(
+            input_ids=ids,
+            max_new_tokens=5,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([ForceSoi()]),
+            pad_token_id=cfg.pad_token_id,
+        )
+        suppressed = model.generate(
+            input_ids=ids,
+            max_new_tokens=5,
+            do_sample=False,
+            soi="suppress",
+            pad_token_id=cfg.pad_token_id,
+            eos_token_id=cfg.eos_token_id,
+        )
     assert stopped[0, -1] == cfg.soi_token_id and stopped.shape[1] == ids.shape[1] + 1
     assert cfg.soi_token_id not in suppressed[0, ids.shape[1] :].tolist()
     assert cfg.image_token_id not in suppressed[0].tolist()
@@ -110,7 +145,13 @@ class ForceSoiAt:
     """Force <|startofimage|> in given rows once they have generated ``after`` new tokens (per row)."""
 
     def __init__(self, soi, prompt_len, plan, skip=()):
-        self.soi, self.prompt_len, self.plan, self.done, self.skip = soi, prompt_len, plan, set(), torch.tensor(list(skip), dtype=torch.long)
+        self.soi, self.prompt_len, self.plan, self.done, self.skip = (
+            soi,
+            prompt_len,
+            plan,
+            set(),
+            torch.tensor(list(skip), dtype=torch.long),
+        )
 
     def __call__(self, input_ids, scores):
         scores = scores.clone()
@@ -126,7 +167,10 @@ class ForceSoiAt:
 
 def _prompts(cfg, seed):
     g = torch.Generator().manual_seed(seed)
-    return [[cfg.bos_token_id] + torch.randint(3, cfg.original_vocab_size - 2, (n,), generator=g).tolist() for n in (5, 3, 4)]
+    return [
+        [cfg.bos_token_id] + torch.randint(3, cfg.original_vocab_size - 2, (n,), generator=g).tolist()
+        for n in (5, 3, 4)
+    ]
 
 
 def _left_pad(rows, pad):
@@ -147,18 +191,30 @@ def test_interleaved_batch_equals_rows_alone(model):
     cfg = model.config
     rows = _prompts(cfg, 3)
     plan = [(0, 2), (1, None), (2, 4)]
-    kw = dict(max_new_tokens=8, soi="draw", num_inference_steps=2, guidance_scale=2.0, eos_token_id=-5, max_new_images=1)
+    kw = dict(
+        max_new_tokens=8, soi="draw", num_inference_steps=2, guidance_scale=2.0, eos_token_id=-5, max_new_images=1
+    )
     ids, mask = _left_pad(rows, cfg.pad_token_id)
     batch = model.generate(
-        input_ids=ids, attention_mask=mask, generator=[torch.Generator().manual_seed(10 + i) for i in range(3)],
-        logits_processor=LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], plan, (cfg.pad_token_id, cfg.image_token_id))]), **kw,
+        input_ids=ids,
+        attention_mask=mask,
+        generator=[torch.Generator().manual_seed(10 + i) for i in range(3)],
+        logits_processor=LogitsProcessorList(
+            [ForceSoiAt(cfg.soi_token_id, ids.shape[1], plan, (cfg.pad_token_id, cfg.image_token_id))]
+        ),
+        **kw,
     )
     assert [len(x) for x in batch.images] == [1, 0, 1]
     for i, row in enumerate(rows):
         alone_ids = torch.tensor([row])
         alone = model.generate(
-            input_ids=alone_ids, attention_mask=torch.ones_like(alone_ids), generator=[torch.Generator().manual_seed(10 + i)],
-            logits_processor=LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, alone_ids.shape[1], [plan[i]], (cfg.pad_token_id, cfg.image_token_id))]), **kw,
+            input_ids=alone_ids,
+            attention_mask=torch.ones_like(alone_ids),
+            generator=[torch.Generator().manual_seed(10 + i)],
+            logits_processor=LogitsProcessorList(
+                [ForceSoiAt(cfg.soi_token_id, alone_ids.shape[1], [plan[i]], (cfg.pad_token_id, cfg.image_token_id))]
+            ),
+            **kw,
         )
         assert _real(batch.sequences[i], batch.attention_mask[i]) == _real(alone.sequences[0], alone.attention_mask[0])
         assert len(alone.images[0]) == len(batch.images[i])
@@ -178,7 +234,9 @@ def test_interleaved_is_seeded_and_needs_diffusion(model):
     runs = []
     for seed in (1, 1, 2):
         force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 1)])])
-        runs.append(model.generate(input_ids=ids, generator=torch.Generator().manual_seed(seed), logits_processor=force, **kw))
+        runs.append(
+            model.generate(input_ids=ids, generator=torch.Generator().manual_seed(seed), logits_processor=force, **kw)
+        )
     assert torch.equal(runs[0].sequences, runs[1].sequences) and torch.equal(runs[0].images[0][0], runs[1].images[0][0])
     assert not torch.equal(runs[0].images[0][0], runs[2].images[0][0])
     text_only = tiny_model(seed=11, use_diffusion=False)
@@ -192,13 +250,21 @@ def test_score_options_equals_manual_log_likelihood(model):
     batch = tiny_batch(cfg, seed=8, pad_side="left")
     options = [[5, 6], [7], [8, 9, 10]]
     with torch.no_grad():
-        scores = model.score_options(batch["input_ids"], options, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], num_images=batch["num_images"])
+        scores = model.score_options(
+            batch["input_ids"],
+            options,
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            num_images=batch["num_images"],
+        )
     assert scores.shape == (2, 3)
     # row 1, option 2 by hand: one forward on that row alone with its image
     row = batch["attention_mask"][1].bool()
     ids = torch.cat([batch["input_ids"][1][row], torch.tensor(options[2])])[None]
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=batch["pixel_values"][2:3], return_loss=False).logits[0].log_softmax(-1)
+        logits = (
+            model(input_ids=ids, pixel_values=batch["pixel_values"][2:3], return_loss=False).logits[0].log_softmax(-1)
+        )
     n = ids.shape[1]
     manual = sum(logits[n - 4 + i, tok] for i, tok in enumerate(options[2]))
     torch.testing.assert_close(scores[1, 2], manual, atol=1e-4, rtol=1e-4)
@@ -256,26 +322,45 @@ def test_generate_images_equals_the_standalone_pipeline(model):
         ctx, ctx_mask = model.image_decoder.context_features(hidden, zero, torch.tensor([n - 1]), zero)
         pipe = model.image_pipeline()
         assert pipe.unet is model.unet and pipe.vae is model.vae
-        standalone = pipe(context_features=ctx, context_mask=ctx_mask, generator=[torch.Generator().manual_seed(7)], output_type="pt", **kw).images[0]
+        standalone = pipe(
+            context_features=ctx,
+            context_mask=ctx_mask,
+            generator=[torch.Generator().manual_seed(7)],
+            output_type="pt",
+            **kw,
+        ).images[0]
     torch.testing.assert_close(via_generate, standalone, atol=1e-5, rtol=1e-5)
 
 
 def test_streamer_yields_text_and_images_in_order(model):
     import threading
 
+    from tokenizer_utils import build_test_tokenizer
     from transformers import LogitsProcessorList
 
     from deem import DeemStreamer, prepare_tokenizer
-    from tokenizer_utils import build_test_tokenizer
 
     cfg = model.config
     tokenizer = prepare_tokenizer(build_test_tokenizer())
     streamer = DeemStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     ids = torch.tensor([_prompts(cfg, 13)[0]])
-    force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 2)], (cfg.pad_token_id, cfg.image_token_id))])
+    force = LogitsProcessorList(
+        [ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 2)], (cfg.pad_token_id, cfg.image_token_id))]
+    )
     result = {}
-    thread = threading.Thread(target=lambda: result.update(out=model.generate(
-        input_ids=ids, soi="draw", max_new_tokens=5, num_inference_steps=2, eos_token_id=-5, logits_processor=force, streamer=streamer)))
+    thread = threading.Thread(
+        target=lambda: result.update(
+            out=model.generate(
+                input_ids=ids,
+                soi="draw",
+                max_new_tokens=5,
+                num_inference_steps=2,
+                eos_token_id=-5,
+                logits_processor=force,
+                streamer=streamer,
+            )
+        )
+    )
     thread.start()
     events = list(streamer)
     thread.join()
@@ -303,10 +388,10 @@ def test_streamer_raises_when_generation_fails_midway(model, soi):
     import threading
     import time
 
+    from tokenizer_utils import build_test_tokenizer
     from transformers import LogitsProcessorList
 
     from deem import DeemStreamer, prepare_tokenizer
-    from tokenizer_utils import build_test_tokenizer
 
     cfg = model.config
     streamer = DeemStreamer(prepare_tokenizer(build_test_tokenizer()), skip_prompt=True)
@@ -318,7 +403,9 @@ def test_streamer_raises_when_generation_fails_midway(model, soi):
     def run():
         try:
             extra = {"num_inference_steps": 2} if soi == "draw" else {}
-            model.generate(input_ids=ids, soi=soi, max_new_tokens=50, logits_processor=failing, streamer=streamer, **extra)
+            model.generate(
+                input_ids=ids, soi=soi, max_new_tokens=50, logits_processor=failing, streamer=streamer, **extra
+            )
         except RuntimeError as error:
             errors.append(error)
 
@@ -338,8 +425,9 @@ def test_streamer_raises_when_the_producer_thread_dies_without_closing():
     import threading
     import time
 
-    from deem import DeemStreamer, prepare_tokenizer
     from tokenizer_utils import build_test_tokenizer
+
+    from deem import DeemStreamer, prepare_tokenizer
 
     streamer = DeemStreamer(prepare_tokenizer(build_test_tokenizer()), poll_interval=0.05)
     thread = threading.Thread(target=lambda: streamer.put(torch.tensor([[5, 6]])))  # puts, then dies without end()
@@ -353,9 +441,9 @@ def test_streamer_raises_when_the_producer_thread_dies_without_closing():
 
 def test_post_process_interleaved_puts_drawn_images_in_place():
     from PIL import Image
+    from tokenizer_utils import build_test_tokenizer
 
     from deem import DeemGenerateOutput, DeemImageProcessor, DeemProcessor, prepare_tokenizer
-    from tokenizer_utils import build_test_tokenizer
 
     tokenizer = prepare_tokenizer(build_test_tokenizer())
     processor = DeemProcessor(DeemImageProcessor(size=64, decoder_size=32), tokenizer, num_image_tokens=2)
@@ -389,8 +477,19 @@ def test_projected_vision_states_give_the_same_logits(model):
 
         per_row_tokens = pad_per_row(enc.llm_embeds, batch["num_images"])  # [B, N, Q, H]
         projected = model.project_vision_states(states)
-        assert projected.shape[:2] == (2, len(range(0, cfg.text_config.num_hidden_layers, cfg.cross_attention_config.frequency)))
-        again = model(input_ids=batch["input_ids"], image_embeds=per_row_tokens, attention_mask=batch["attention_mask"], vision_states=projected, vision_spatial_shapes=shapes, image_starts=starts, return_loss=False)
+        assert projected.shape[:2] == (
+            2,
+            len(range(0, cfg.text_config.num_hidden_layers, cfg.cross_attention_config.frequency)),
+        )
+        again = model(
+            input_ids=batch["input_ids"],
+            image_embeds=per_row_tokens,
+            attention_mask=batch["attention_mask"],
+            vision_states=projected,
+            vision_spatial_shapes=shapes,
+            image_starts=starts,
+            return_loss=False,
+        )
     torch.testing.assert_close(again.logits, full.logits, atol=1e-5, rtol=1e-5)
 
 
@@ -398,11 +497,15 @@ def test_too_many_images_for_the_cross_attention_is_refused_before_work(model):
     cfg = model.config
     ids = torch.tensor([_prompts(cfg, 15)[0]])
     with pytest.raises(ValueError, match="at most .* images"):
-        model.generate(input_ids=ids, soi="draw", max_new_images=cfg.cross_attention_config.max_num_images + 1, max_new_tokens=2)
+        model.generate(
+            input_ids=ids, soi="draw", max_new_images=cfg.cross_attention_config.max_num_images + 1, max_new_tokens=2
+        )
 
 
 def test_interleaved_image_size_is_set_by_the_call(model):
     cfg = model.config
     ids = torch.tensor([_prompts(cfg, 16)[0]])
-    images = model.generate_images(ids, num_inference_steps=2, height=48, width=48, generator=[torch.Generator().manual_seed(0)])
+    images = model.generate_images(
+        ids, num_inference_steps=2, height=48, width=48, generator=[torch.Generator().manual_seed(0)]
+    )
     assert images[0].shape == (3, 48, 48) and 0 <= float(images[0].min()) and float(images[0].max()) <= 1

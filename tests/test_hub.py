@@ -18,26 +18,39 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hub_server import HubServer
 
 from deem.hub import CARD_MARKER
-from hub_server import HubServer
 
 TESTS = Path(__file__).resolve().parent
 REPO_ID = "tester/deem-tiny"
 RESULTS = {"VQAv2": 68.2, "POPE": {"score": 86.8, "metric": "f1", "split": "adversarial"}}
 MODELING_FILES = (
-    "configuration_deem.py", "modeling_deem.py", "vision.py", "mmfs.py", "pos_embed.py",
-    "processing_deem.py", "image_processing_deem.py", "prompts.py",
+    "configuration_deem.py",
+    "modeling_deem.py",
+    "vision.py",
+    "mmfs.py",
+    "pos_embed.py",
+    "processing_deem.py",
+    "image_processing_deem.py",
+    "prompts.py",
 )
 
 
 def _run(code: str, env: dict, *args, timeout: int = 300) -> dict:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     full_env.update(env, PYTHONPATH=str(TESTS), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=full_env, cwd=TESTS, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=full_env,
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +70,9 @@ PUSH = textwrap.dedent(
     out_dir, repo_id, results = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     model = tiny_model(seed=7)
     tokenizer = prepare_tokenizer(build_test_tokenizer())
-    processor = DeemProcessor(DeemImageProcessor(size=64, decoder_size=32), tokenizer, num_image_tokens=model.config.num_image_tokens)
+    processor = DeemProcessor(
+        DeemImageProcessor(size=64, decoder_size=32), tokenizer, num_image_tokens=model.config.num_image_tokens
+    )
     batch = tiny_batch(model.config, seed=1)
     with torch.no_grad():
         v1 = model(**batch, return_loss=False).logits
@@ -78,9 +93,13 @@ PUSH = textwrap.dedent(
     # plain model.push_to_hub to a new repo (bare name: the server puts it in the token owner's namespace); the
     # README is the DEEM card once DeemForInterleavedGeneration has the write_model_card hook
     plain = model.push_to_hub("deem-plain", max_shard_size="300KB")
-    torch.save({"batch": batch, "v1": v1, "v2": v2, "ids": processor("A photo of a cat.")["input_ids"]}, out_dir + "/reference.pt")
+    torch.save(
+        {"batch": batch, "v1": v1, "v2": v2, "ids": processor("A photo of a cat.")["input_ids"]},
+        out_dir + "/reference.pt",
+    )
     print("RESULT" + json.dumps({
-        "v1": first.oid, "v2": second.oid, "single": third.oid, "plain": plain.repo_url.repo_id, "differs": not torch.equal(v1, v2),
+        "v1": first.oid, "v2": second.oid, "single": third.oid, "plain": plain.repo_url.repo_id,
+        "differs": not torch.equal(v1, v2),
         "hook": "_upload_modified_files" in vars(DeemForInterleavedGeneration),
     }))
     """
@@ -96,7 +115,9 @@ PULL = textwrap.dedent(
     ref_dir, repo_id, v1 = sys.argv[1], sys.argv[2], sys.argv[3]
     ref = torch.load(ref_dir + "/reference.pt")
     out = {}
-    for name, revision, expected in (("sha", v1, "v1"), ("branch", "v2", "v2"), ("main", None, "v1"), ("single", "single", "v2")):
+    for name, revision, expected in (
+        ("sha", v1, "v1"), ("branch", "v2", "v2"), ("main", None, "v1"), ("single", "single", "v2")
+    ):
         model = AutoModel.from_pretrained(repo_id, trust_remote_code=True, revision=revision).eval()
         with torch.no_grad():
             logits = model(**ref["batch"], return_loss=False).logits
@@ -115,7 +136,9 @@ PULL = textwrap.dedent(
     snapshot = snapshot_download(repo_id, revision=v1)
     out["snapshot"] = sorted(os.listdir(snapshot))
     out["branches"] = sorted(b.name for b in api.list_repo_refs(repo_id).branches)
-    out["history"] = {rev: [c.commit_id for c in api.list_repo_commits(repo_id, revision=rev)] for rev in ("main", "v2")}
+    out["history"] = {
+        rev: [c.commit_id for c in api.list_repo_commits(repo_id, revision=rev)] for rev in ("main", "v2")
+    }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -161,7 +184,9 @@ def test_fresh_process_loads_every_revision_from_the_hub(pulled, pushed):
     assert pulled["load_single"] == {"class": "DeemForInterleavedGeneration", "equal": True}
     assert pulled["processor"] == {"class": "DeemProcessor", "num_image_tokens": 4, "same_ids": True}
     assert pulled["branches"] == ["main", "single", "v2"]
-    assert pulled["history"]["main"][0] == result["v1"] and len(pulled["history"]["main"]) == 2  # one commit per push_model
+    assert (
+        pulled["history"]["main"][0] == result["v1"] and len(pulled["history"]["main"]) == 2
+    )  # one commit per push_model
     assert pulled["history"]["v2"][:2] == [result["v2"], result["v1"]]  # v2 branched off v1
 
 
@@ -171,8 +196,16 @@ def test_repo_holds_shards_config_code_processor_and_generation_config(pulled, p
     assert pulled[result["v1"]]["sha"] == result["v1"] and pulled["v2"]["sha"] == result["v2"]
     shards = [f for f in files if f.startswith("model-") and f.endswith(".safetensors")]
     assert len(shards) > 1 and all(files[f] for f in shards), files  # several shards, all stored in LFS
-    for name in ("model.safetensors.index.json", "config.json", "generation_config.json", "README.md",
-                 "processor_config.json", "tokenizer.json", "tokenizer_config.json", *MODELING_FILES):
+    for name in (
+        "model.safetensors.index.json",
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        *MODELING_FILES,
+    ):
         assert name in files and not files[name], name  # present, regular (non-LFS) files
     assert set(pulled["snapshot"]) == set(files)  # snapshot_download at the commit sha fetches every file
     single = pulled["single"]["files"]  # push_model removed the shards + index that the single file replaces
@@ -193,11 +226,22 @@ def test_readme_is_the_deem_card_with_metadata_snippets_and_results(pulled, push
     metrics = {r["dataset"]["name"]: r["metrics"][0] for r in card["model-index"][0]["results"]}
     assert metrics == {"VQAv2": {"type": "accuracy", "value": 68.2}, "POPE": {"type": "f1", "value": 86.8}}
     text = pulled["readme"][result["v1"]]
-    for snippet in (f'repo = "{REPO_ID}"', "AutoModel.from_pretrained(repo, trust_remote_code=True",
-                    "AutoProcessor.from_pretrained(repo, trust_remote_code=True)", "model.generate(",
-                    "post_process_interleaved", "generate_images", "num_inference_steps", "set_training_stage(1)", "set_training_stage(2)",
-                    "set_training_stage(3)", "| VQAv2 |", "| POPE | adversarial | f1 | 86.8 |", "arXiv:2405.15232",
-                    "Diffusion Models Serve as the Eyes of Large Language Models for Image Perception"):
+    for snippet in (
+        f'repo = "{REPO_ID}"',
+        "AutoModel.from_pretrained(repo, trust_remote_code=True",
+        "AutoProcessor.from_pretrained(repo, trust_remote_code=True)",
+        "model.generate(",
+        "post_process_interleaved",
+        "generate_images",
+        "num_inference_steps",
+        "set_training_stage(1)",
+        "set_training_stage(2)",
+        "set_training_stage(3)",
+        "| VQAv2 |",
+        "| POPE | adversarial | f1 | 86.8 |",
+        "arXiv:2405.15232",
+        "Diffusion Models Serve as the Eyes of Large Language Models for Image Perception",
+    ):
         assert snippet in text, snippet
     # model.push_to_hub to v2 re-uploads the card it finds on the repo (unchanged: results kept)
     assert "| POPE | adversarial | f1 | 86.8 |" in pulled["readme"]["v2"]
@@ -225,14 +269,26 @@ def client(monkeypatch, tmp_path):
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's multipart PUT
 def test_server_multipart_pr_tags_pagination_and_errors(client):
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     server, api, tmp = client
     repo = api.create_repo("ns/demo", private=True).repo_id
     assert api.create_repo("ns/demo", exist_ok=True).repo_id == repo
     weights = os.urandom(2500)  # > multipart_chunk_size: three parts
-    first = api.create_commit(repo, [CommitOperationAdd("w.bin", weights), CommitOperationAdd("a/b.txt", b"x"),
-                                     CommitOperationAdd("a/c.txt", b"y")], commit_message="first")
+    first = api.create_commit(
+        repo,
+        [
+            CommitOperationAdd("w.bin", weights),
+            CommitOperationAdd("a/b.txt", b"x"),
+            CommitOperationAdd("a/c.txt", b"y"),
+        ],
+        commit_message="first",
+    )
     assert server.stats["lfs_multipart_uploads"] == 1
     pr = api.create_commit(repo, [CommitOperationDelete("a/")], commit_message="drop a", create_pr=True)
     assert pr.pr_revision == "refs/pr/1"

@@ -8,9 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_batch, tiny_model
+from safetensors.torch import load_file, save_file
 from tokenizer_utils import build_test_tokenizer
 
 
@@ -20,7 +19,9 @@ def saved(tmp_path_factory):
 
     model = tiny_model(seed=7)
     tokenizer = prepare_tokenizer(build_test_tokenizer())
-    processor = DeemProcessor(DeemImageProcessor(size=64, decoder_size=32), tokenizer, num_image_tokens=model.config.num_image_tokens)
+    processor = DeemProcessor(
+        DeemImageProcessor(size=64, decoder_size=32), tokenizer, num_image_tokens=model.config.num_image_tokens
+    )
     path = tmp_path_factory.mktemp("deem_tiny")
     model.save_pretrained(path, max_shard_size="300KB")
     processor.save_pretrained(path)
@@ -39,7 +40,15 @@ def test_save_writes_shards_modeling_files_and_auto_map(saved):
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_deem.DeemForInterleavedGeneration"
     shards = sorted(path.glob("model-*.safetensors"))
     assert len(shards) > 1 and (path / "model.safetensors.index.json").exists()
-    for name in ("modeling_deem.py", "configuration_deem.py", "vision.py", "mmfs.py", "pos_embed.py", "processing_deem.py", "image_processing_deem.py"):
+    for name in (
+        "modeling_deem.py",
+        "configuration_deem.py",
+        "vision.py",
+        "mmfs.py",
+        "pos_embed.py",
+        "processing_deem.py",
+        "image_processing_deem.py",
+    ):
         assert (path / name).exists(), name
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(model.state_dict())
@@ -82,7 +91,11 @@ def test_fresh_process_auto_classes_reproduce_logits(saved):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line[len("RESULT") :])
-    assert out["config"] == "DeemConfig" and out["model"] == "DeemForInterleavedGeneration" and out["processor"] == "DeemProcessor"
+    assert (
+        out["config"] == "DeemConfig"
+        and out["model"] == "DeemForInterleavedGeneration"
+        and out["processor"] == "DeemProcessor"
+    )
     assert out["equal"], "fresh-process logits differ from the saving process"
     assert out["image_tokens"] == 4
     assert out["bf16_dtype"] == "torch.bfloat16" and out["vae_dtype"] == "torch.float32"
@@ -117,7 +130,9 @@ def test_loading_weights_that_do_not_fit_the_config_names_the_keys(saved, tmp_pa
     message = str(err.value)
     assert "model.soi_embedding" in message and "lm_head.new_tokens.weight" in message and "not_a_deem_key" in message
     assert "strict=False, ignore_mismatched_sizes=True" in message
-    loaded, info = DeemForInterleavedGeneration.from_pretrained(bad, strict=False, ignore_mismatched_sizes=True, output_loading_info=True)
+    loaded, info = DeemForInterleavedGeneration.from_pretrained(
+        bad, strict=False, ignore_mismatched_sizes=True, output_loading_info=True
+    )
     assert "model.soi_embedding" in info["missing_keys"] and "not_a_deem_key" in info["unexpected_keys"]
     assert any(k[0] == "lm_head.new_tokens.weight" for k in info["mismatched_keys"])
     assert torch.all(loaded.model.soi_embedding == 0)  # initialised as the original does
@@ -137,7 +152,9 @@ def test_checkpoints_from_before_the_split_still_load(saved, tmp_path):
     old = tmp_path / "old"
     model.save_pretrained(old)
     weights = current_to_legacy_keys(load_file(old / "model.safetensors"))
-    assert "image_encoder.perceiver.queries" in weights and "unet.conv_in.weight" in weights and "soi_embedding" in weights
+    assert (
+        "image_encoder.perceiver.queries" in weights and "unet.conv_in.weight" in weights and "soi_embedding" in weights
+    )
     save_file(weights, old / "model.safetensors", metadata={"format": "pt"})
     loaded = DeemForInterleavedGeneration.from_pretrained(old, strict=True)
     for name, tensor in model.state_dict().items():

@@ -36,7 +36,9 @@ from deem.modeling.mmfs import (
 )
 
 FIXTURE = Path("/work/shared/fixtures/parity_a")
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "original_state_dict.safetensors").exists(), reason="fixture A not available")
+needs_fixture = pytest.mark.skipif(
+    not (FIXTURE / "original_state_dict.safetensors").exists(), reason="fixture A not available"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +88,10 @@ def naive_mmfs(attn: MultiScaleDeformableAttention, query, values, image_mask, s
         for lvl, (h, w) in enumerate(shapes):
             sh, sw = attn.spatial_shapes[lvl]
             ratio = torch.tensor([sw / base_w, sh / base_h], dtype=query.dtype)
-            locs.append(reference_points[:, :, None, None, :] + off[:, :, :, 0] * ratio / torch.tensor([w, h], dtype=query.dtype))
+            locs.append(
+                reference_points[:, :, None, None, :]
+                + off[:, :, :, 0] * ratio / torch.tensor([w, h], dtype=query.dtype)
+            )
         logits_all.append(logit)
         locs_all.append(torch.stack(locs, 3))  # [N, Lq, H, L, P, 2]
     logits = torch.stack(logits_all, 3)  # [N, Lq, H, n_img, L, P+1]
@@ -96,7 +101,12 @@ def naive_mmfs(attn: MultiScaleDeformableAttention, query, values, image_mask, s
     for i in range(n_img):
         start = 0
         for lvl, (h, w) in enumerate(shapes):
-            vmap = value[:, i, start : start + h * w].reshape(n, h, w, heads, hd).permute(0, 3, 4, 1, 2).reshape(n * heads, hd, h, w)
+            vmap = (
+                value[:, i, start : start + h * w]
+                .reshape(n, h, w, heads, hd)
+                .permute(0, 3, 4, 1, 2)
+                .reshape(n * heads, hd, h, w)
+            )
             grid = 2 * locs_all[i][:, :, :, lvl] - 1  # [N, Lq, H, P, 2]
             grid = grid.permute(0, 2, 1, 3, 4).reshape(n * heads, lq, points, 2)
             sampled = F.grid_sample(vmap, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -110,8 +120,17 @@ def naive_mmfs(attn: MultiScaleDeformableAttention, query, values, image_mask, s
 def make_attn(dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
     args = dict(
-        d_query=24, d_value=20, d_model=32, d_out=16, num_heads=4, num_levels=3, num_points=3,
-        spatial_shapes=[8, 4, 2], base_spatial_shape=4, max_num_images=6, offset_init_magnitude=2.0,
+        d_query=24,
+        d_value=20,
+        d_model=32,
+        d_out=16,
+        num_heads=4,
+        num_levels=3,
+        num_points=3,
+        spatial_shapes=[8, 4, 2],
+        base_spatial_shape=4,
+        max_num_images=6,
+        offset_init_magnitude=2.0,
     )
     args.update(kw)
     attn = MultiScaleDeformableAttention(**args)
@@ -121,7 +140,9 @@ def make_attn(dtype=torch.float64, seed=0, **kw):
     return attn.to(dtype)
 
 
-def random_inputs(n=2, lq=7, n_img=3, shapes=((8, 8), (4, 4), (2, 2)), d_query=24, d_value=20, dtype=torch.float64, seed=1):
+def random_inputs(
+    n=2, lq=7, n_img=3, shapes=((8, 8), (4, 4), (2, 2)), d_query=24, d_value=20, dtype=torch.float64, seed=1
+):
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(n, lq, d_query, generator=g, dtype=dtype)
     values = torch.randn(n, n_img, sum(h * w for h, w in shapes), d_value, generator=g, dtype=dtype)
@@ -154,7 +175,9 @@ def test_mmfs_matches_naive(mask_kind):
     elif mask_kind == "2d":
         mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
     else:
-        mask = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]], dtype=torch.float64)
+        mask = torch.tensor(
+            [[[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]], dtype=torch.float64
+        )
     with torch.no_grad():
         ours = attn(query, values, mask, spatial_shapes=shapes, reference_points=ref)
         ref_out = naive_mmfs(attn, query, values, mask, shapes, ref)
@@ -201,7 +224,9 @@ def test_query_relpos_follows_relative_index():
         torch.testing.assert_close(attn(query, values, mask, shapes, ref), base, atol=1e-12, rtol=0)
         attn.query_relpos.weight[2].add_(1.0)  # row 2 = the older visible image
         assert (attn(query, values, mask, shapes, ref) - base).abs().max() > 1e-3
-        torch.testing.assert_close(attn(query, values, mask, shapes, ref), naive_mmfs(attn, query, values, mask, shapes, ref))
+        torch.testing.assert_close(
+            attn(query, values, mask, shapes, ref), naive_mmfs(attn, query, values, mask, shapes, ref)
+        )
 
 
 def test_gradients_match_naive_and_flow_everywhere():
@@ -231,7 +256,9 @@ def test_sampling_core_gradcheck():
     offsets = torch.randn(n, n_img, heads, lq, points, 2, generator=g, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(n, n_img, 2, heads, lq, points, generator=g, dtype=torch.float64, requires_grad=True)
     factors = [(0.3, 0.2), (0.5, 0.25)]
-    assert torch.autograd.gradcheck(lambda v, r, o, w: deformable_sampling(v, shapes, r, o, factors, w), (value, ref, offsets, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, r, o, w: deformable_sampling(v, shapes, r, o, factors, w), (value, ref, offsets, weights)
+    )
 
 
 def test_no_per_sample_activations_saved():
@@ -277,7 +304,19 @@ def test_bf16_runs_and_tracks_fp32():
 
 
 def test_init():
-    attn = MultiScaleDeformableAttention(8, 12, 16, 8, num_heads=2, num_levels=2, num_points=3, spatial_shapes=[4, 2], base_spatial_shape=4, max_num_images=50, offset_init_magnitude=1.5)
+    attn = MultiScaleDeformableAttention(
+        8,
+        12,
+        16,
+        8,
+        num_heads=2,
+        num_levels=2,
+        num_points=3,
+        spatial_shapes=[4, 2],
+        base_spatial_shape=4,
+        max_num_images=50,
+        offset_init_magnitude=1.5,
+    )
     assert attn.sampling_offsets.weight.abs().max() == 0
     bias = attn.sampling_offsets.bias.view(2, 1, 3, 2)
     assert bias.abs().max() <= 1.5 and bias.abs().max() > 0
@@ -285,7 +324,11 @@ def test_init():
     assert attn.value_proj.bias.abs().max() == 0 and attn.output_proj.bias.abs().max() == 0
     assert 0.015 < attn.query_relpos.weight.std() < 0.025
     assert sorted(n for n, _ in attn.named_parameters()) == sorted(
-        [f"{m}.{p}" for m in ("sampling_offsets", "dynamic_offset_mask", "attention_weights", "value_proj", "output_proj") for p in ("weight", "bias")]
+        [
+            f"{m}.{p}"
+            for m in ("sampling_offsets", "dynamic_offset_mask", "attention_weights", "value_proj", "output_proj")
+            for p in ("weight", "bias")
+        ]
         + ["query_relpos.weight"]
     )
     assert not list(attn.buffers())
@@ -319,7 +362,9 @@ def test_build_cross_attention_mask_two_documents():
 
 
 def test_gated_cross_attention_cached_decoding_and_projection_reuse():
-    xcfg = DeemCrossAttentionConfig(num_heads=4, num_points=2, spatial_shapes=[4, 2], base_spatial_shape=4, max_num_images=5)
+    xcfg = DeemCrossAttentionConfig(
+        num_heads=4, num_points=2, spatial_shapes=[4, 2], base_spatial_shape=4, max_num_images=5
+    )
     block = DeemGatedCrossAttention(16, 8, xcfg, rms_norm_eps=1e-6).double()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -342,7 +387,11 @@ def test_gated_cross_attention_cached_decoding_and_projection_reuse():
     assert block(hidden, vision, mask).abs().max() == 0
     assert sorted(k for k in block.state_dict()) == sorted(
         ["gate", "norm_query.weight", "norm_value.weight"]
-        + [f"attn.{m}.{p}" for m in ("sampling_offsets", "dynamic_offset_mask", "attention_weights", "value_proj", "output_proj") for p in ("weight", "bias")]
+        + [
+            f"attn.{m}.{p}"
+            for m in ("sampling_offsets", "dynamic_offset_mask", "attention_weights", "value_proj", "output_proj")
+            for p in ("weight", "bias")
+        ]
         + ["attn.query_relpos.weight"]
     )
 
@@ -369,7 +418,12 @@ def tiny_unet_config():
 def tiny_side_config(**kw):
     cfg = DeemDiffusionConfig(
         unet=tiny_unet_config(),
-        vae={"block_out_channels": [4, 4, 4], "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3, "norm_num_groups": 2},
+        vae={
+            "block_out_channels": [4, 4, 4],
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "norm_num_groups": 2,
+        },
         image_size=32,
         side_attn_dim=16,
         side_num_heads=2,
@@ -408,7 +462,9 @@ def test_unet_forward_without_side_equals_diffusers():
         # a fresh side network has zero convs: it adds exactly nothing
         net = DeemUNetSideNetwork(tiny_side_config(), feature_dim=6)
         feats = [torch.randn(2, 1, 6, s, s) for s in (8, 4, 2, 1)]
-        out = unet_forward_with_side(unet, net, sample, torch.tensor([3, 700]), context, side_features=feats, side_mask=torch.ones(2, 1))
+        out = unet_forward_with_side(
+            unet, net, sample, torch.tensor([3, 700]), context, side_features=feats, side_mask=torch.ones(2, 1)
+        )
         assert torch.equal(out, unet(sample, torch.tensor([3, 700]), context).sample)
 
 
@@ -431,16 +487,31 @@ def test_unet_side_cfg_batch_and_unsupported():
         plain = unet(sample, 10, context).sample
         assert (single - plain).abs().max() > 1e-3
         doubled = unet_forward_with_side(
-            unet, net, sample.repeat(2, 1, 1, 1), 10, context.repeat(2, 1, 1),
-            side_features=[f.repeat(2, 1, 1, 1, 1) for f in feats], side_mask=mask.repeat(2, 1),
+            unet,
+            net,
+            sample.repeat(2, 1, 1, 1),
+            10,
+            context.repeat(2, 1, 1),
+            side_features=[f.repeat(2, 1, 1, 1, 1) for f in feats],
+            side_mask=mask.repeat(2, 1),
         )
         torch.testing.assert_close(doubled[:1], single, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(doubled[1:], single, atol=1e-6, rtol=1e-6)
         projected = net.project_features([f.repeat(2, 1, 1, 1, 1) for f in feats])
-        reused = unet_forward_with_side(unet, net, sample.repeat(2, 1, 1, 1), 10, context.repeat(2, 1, 1), side_features=projected, side_mask=mask.repeat(2, 1))
+        reused = unet_forward_with_side(
+            unet,
+            net,
+            sample.repeat(2, 1, 1, 1),
+            10,
+            context.repeat(2, 1, 1),
+            side_features=projected,
+            side_mask=mask.repeat(2, 1),
+        )
         assert torch.equal(reused, doubled)
         with pytest.raises(ValueError, match="batch"):
-            unet_forward_with_side(unet, net, sample.repeat(2, 1, 1, 1), 10, context.repeat(2, 1, 1), side_features=feats, side_mask=mask)
+            unet_forward_with_side(
+                unet, net, sample.repeat(2, 1, 1, 1), 10, context.repeat(2, 1, 1), side_features=feats, side_mask=mask
+            )
     bad = UNet2DConditionModel(**tiny_unet_config(), num_class_embeds=3)
     with pytest.raises(ValueError, match="class embeddings"):
         unet_forward_with_side(bad, None, sample, 10, context)
@@ -463,7 +534,9 @@ def test_side_network_gradients_and_checkpointing():
     for ckpt in (False, True):
         net.zero_grad()
         net.gradient_checkpointing = ckpt
-        unet_forward_with_side(unet, net, sample, 10, context, side_features=feats, side_mask=mask).square().mean().backward()
+        unet_forward_with_side(
+            unet, net, sample, 10, context, side_features=feats, side_mask=mask
+        ).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
@@ -479,7 +552,10 @@ def test_side_network_gradients_and_checkpointing():
 
 
 def test_key_renames():
-    assert rename_side_network_key("mmfs_down_blocks.3.mmfs.sampling_offsets.weight") == "down_blocks.3.attn.sampling_offsets.weight"
+    assert (
+        rename_side_network_key("mmfs_down_blocks.3.mmfs.sampling_offsets.weight")
+        == "down_blocks.3.attn.sampling_offsets.weight"
+    )
     assert rename_side_network_key("mmfs_mid_block.pos_embed") == "mid_block.pos_embed"
     assert rename_side_network_key("mmfs_down_blocks.0.conv.bias") == "down_blocks.0.conv.bias"
     assert rename_side_network_key("mmfs_mid_block.mmfs.ignore_token") is None
@@ -528,7 +604,12 @@ def test_fixture_unet_and_side_network_parity(fixture_a):
     net = DeemUNetSideNetwork(config, image_embed_dim).eval()
     converted = convert_side_network_state_dict(original)
     net.load_state_dict(converted, strict=True)
-    torch.testing.assert_close(net.down_blocks[0].pos_embed, original["visual_tokenizer.encoder.mmfs_module.mmfs_down_blocks.0.pos_embed"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        net.down_blocks[0].pos_embed,
+        original["visual_tokenizer.encoder.mmfs_module.mmfs_down_blocks.0.pos_embed"],
+        atol=0,
+        rtol=0,
+    )
 
     noisy, timesteps = inter["unet_probe.noisy_latents"], inter["unet_probe.timesteps"]
     cases = {
@@ -543,7 +624,15 @@ def test_fixture_unet_and_side_network_parity(fixture_a):
                 out = unet_forward_with_side(unet, net, noisy, timesteps, inter[context])
             else:
                 feats = [inter[f"{side}.mmfs_features.{i}"] for i in range(4)]
-                out = unet_forward_with_side(unet, net, noisy, timesteps, inter[context], side_features=feats, side_mask=inter[f"{side}.mmfs_mask"])
+                out = unet_forward_with_side(
+                    unet,
+                    net,
+                    noisy,
+                    timesteps,
+                    inter[context],
+                    side_features=feats,
+                    side_mask=inter[f"{side}.mmfs_mask"],
+                )
             expected = inter[f"unet_probe.{name}"]
             deviations[name] = (out - expected).abs().max().item()
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=name)
@@ -559,12 +648,18 @@ def test_fixture_llm_cross_attention_parity(fixture_a):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     configs, original, inter, inputs = fixture_a
-    llama = {k: v for k, v in configs["llama_config"].items() if k not in ("architectures", "transformers_version", "torch_dtype")}
+    llama = {
+        k: v
+        for k, v in configs["llama_config"].items()
+        if k not in ("architectures", "transformers_version", "torch_dtype")
+    }
     lcfg = LlamaConfig(**llama)
     lcfg._attn_implementation = "eager"
     layer = LlamaDecoderLayer(lcfg, 0).eval()
     prefix = "mm_decoder.layers.0."
-    layer.load_state_dict({k[len(prefix) :]: v for k, v in original.items() if k.startswith(prefix) and ".llama_cross_attn." not in k})
+    layer.load_state_dict(
+        {k[len(prefix) :]: v for k, v in original.items() if k.startswith(prefix) and ".llama_cross_attn." not in k}
+    )
     model_cfg = configs["model_config"]
     xcfg = DeemCrossAttentionConfig(spatial_shapes=model_cfg["spatial_shapes"])
     cross = DeemGatedCrossAttention(lcfg.hidden_size, model_cfg["image_embed_dim"], xcfg, lcfg.rms_norm_eps).eval()
@@ -582,7 +677,15 @@ def test_fixture_llm_cross_attention_parity(fixture_a):
     causal = causal.masked_fill(inputs["attention_mask"][:, None, None, :] == 0, torch.finfo(torch.float32).min)
     positions = torch.arange(length)[None].expand(bsz, length)
     with torch.no_grad():
-        h = x0 + layer.self_attn(hidden_states=layer.input_layernorm(x0), attention_mask=causal, position_embeddings=LlamaRotaryEmbedding(lcfg)(x0, positions), position_ids=positions)[0]
+        h = (
+            x0
+            + layer.self_attn(
+                hidden_states=layer.input_layernorm(x0),
+                attention_mask=causal,
+                position_embeddings=LlamaRotaryEmbedding(lcfg)(x0, positions),
+                position_ids=positions,
+            )[0]
+        )
         xattn = cross(h, inter["mm_decoder.vision_hidden_states"], mask)
         h = h + xattn
         h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -4,7 +4,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import tiny_batch, tiny_config, tiny_model
 
 
@@ -36,7 +35,9 @@ def test_train_mode_losses_are_finite_and_combined(model, batch):
         value = getattr(out, name)
         assert value is not None and value.dim() == 0 and torch.isfinite(value), name
         assert value.item() > 0, name
-    expected = cfg.loss_ntp_weight * out.loss_ntp + cfg.loss_nip_weight * out.loss_nip + cfg.loss_csr_weight * out.loss_csr
+    expected = (
+        cfg.loss_ntp_weight * out.loss_ntp + cfg.loss_nip_weight * out.loss_nip + cfg.loss_csr_weight * out.loss_csr
+    )
     torch.testing.assert_close(out.loss, expected)
     assert out.logits.shape == (*batch["input_ids"].shape, cfg.vocab_size)
     assert out.image_embeds.shape == (3, cfg.num_image_tokens, cfg.text_config.hidden_size)
@@ -61,7 +62,12 @@ def test_csr_alone_reaches_the_image_encoder(model, batch):
 
 @pytest.mark.parametrize(
     "weights, expected_passes",
-    [({}, 2), ({"loss_csr_weight": 0.0}, 1), ({"loss_nip_weight": 0.0}, 1), ({"loss_csr_weight": 0.0, "loss_nip_weight": 0.0}, 0)],
+    [
+        ({}, 2),
+        ({"loss_csr_weight": 0.0}, 1),
+        ({"loss_nip_weight": 0.0}, 1),
+        ({"loss_csr_weight": 0.0, "loss_nip_weight": 0.0}, 0),
+    ],
 )
 def test_zero_weight_skips_the_unet_call(model, batch, weights, expected_passes):
     calls, handle = count_unet_passes(model)
@@ -123,7 +129,9 @@ def test_cross_attention_visibility_is_exact(model):
     # two packed documents in one row: doc A has image 0, doc B has image 1
     row = [bos, 5, 6, soi] + [img] * q + [7, 8, bos, 9, soi] + [img] * q + [10, 11]
     ids = torch.tensor([row])
-    pixels = torch.rand(2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=torch.Generator().manual_seed(0))
+    pixels = torch.rand(
+        2, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         base = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True, return_loss=False)
         changed = pixels.clone()
@@ -171,7 +179,12 @@ def test_labels_given_equal_derived(model, batch):
 
     with torch.no_grad():
         a = model(**batch, loss_nip_weight=0.0, loss_csr_weight=0.0, return_loss=True)
-        b = model(**batch, labels=default_labels(batch["input_ids"], batch["attention_mask"], model.config), loss_nip_weight=0.0, loss_csr_weight=0.0)
+        b = model(
+            **batch,
+            labels=default_labels(batch["input_ids"], batch["attention_mask"], model.config),
+            loss_nip_weight=0.0,
+            loss_csr_weight=0.0,
+        )
     assert a.loss_ntp == b.loss_ntp and a.loss == a.loss_ntp
 
 
@@ -203,11 +216,15 @@ def test_stage_presets_trainable_counts():
     for stage_table in (t1, t2, t3):
         assert stage_table["UNet"]["trainable"] == 0 and stage_table["VAE"]["trainable"] == 0
     assert t1["LLM"]["trainable"] == 0 and t2["LLM"]["trainable"] == t2["LLM"]["total"] > 0
-    assert t1["image encoder"]["trainable"] == t1["image encoder"]["total"] > 0 and t2["image encoder"]["trainable"] == 0
+    assert (
+        t1["image encoder"]["trainable"] == t1["image encoder"]["total"] > 0 and t2["image encoder"]["trainable"] == 0
+    )
     assert t1["UNet side network"]["trainable"] > 0 and t3["UNet side network"]["trainable"] == 0
     assert t1["cross-attention"]["trainable"] == t1["cross-attention"]["total"] > 0
     # frozen exactly as set on the parameters, and the totals add up
-    assert t1["total"]["trainable"] == sum(p.numel() for p in model.set_training_stage(1).parameters() if p.requires_grad)
+    assert t1["total"]["trainable"] == sum(
+        p.numel() for p in model.set_training_stage(1).parameters() if p.requires_grad
+    )
     assert t1["total"]["total"] == sum(p.numel() for p in model.parameters())
     # hand counts from the config
     text, xa = cfg.text_config, cfg.cross_attention_config
@@ -215,11 +232,24 @@ def test_stage_presets_trainable_counts():
     layer = 4 * h * h + 3 * h * i + 2 * h
     assert t1["LLM"]["total"] == v * h + text.num_hidden_layers * layer + h
     levels, heads, points = len(xa.feature_levels), xa.num_heads, xa.num_points
-    block = h + e + (h + 1) * heads * points * 2 + (h + 1) * h + (h + 1) * heads * levels * (points + 1) + (e + 1) * e + (e + 1) * h + xa.max_num_images * h + 1
+    block = (
+        h
+        + e
+        + (h + 1) * heads * points * 2
+        + (h + 1) * h
+        + (h + 1) * heads * levels * (points + 1)
+        + (e + 1) * e
+        + (e + 1) * h
+        + xa.max_num_images * h
+        + 1
+    )
     n_blocks = len(range(0, text.num_hidden_layers, xa.frequency))
     assert t1["cross-attention"]["total"] == n_blocks * block
     assert t1["soi embedding"]["trainable"] == h and t3["soi embedding"]["trainable"] == h
-    assert t1["image decoder"]["total"] == h * h + h + cfg.decoder_perceiver_config.num_queries * cfg.diffusion_config.unet["cross_attention_dim"]
+    assert (
+        t1["image decoder"]["total"]
+        == h * h + h + cfg.decoder_perceiver_config.num_queries * cfg.diffusion_config.unet["cross_attention_dim"]
+    )
     assert t3["image decoder"]["trainable"] == 0 and t3["decoder perceiver"]["trainable"] == 0
     frozen_1 = t1["LLM"]["total"] + t1["text head (base)"]["total"] + t1["UNet"]["total"] + t1["VAE"]["total"]
     assert t1["total"]["trainable"] == t1["total"]["total"] - frozen_1
@@ -336,7 +366,10 @@ def test_fresh_model_has_the_original_init():
         if layer.cross_attn is not None:
             assert layer.cross_attn.gate.item() == 0
             assert torch.all(layer.cross_attn.attn.sampling_offsets.weight == 0)
-            assert layer.cross_attn.attn.sampling_offsets.bias.abs().max() <= config.cross_attention_config.offset_init_magnitude
+            assert (
+                layer.cross_attn.attn.sampling_offsets.bias.abs().max()
+                <= config.cross_attention_config.offset_init_magnitude
+            )
     ids = torch.tensor([[config.bos_token_id, 5, 6, 7]])
     with torch.no_grad():
         logits = model(input_ids=ids, return_loss=False).logits

@@ -5,7 +5,19 @@ import re
 
 from conftest import REPO
 
-PACKAGES = ("transformers", "diffusers", "peft", "trl", "accelerate", "timm", "open_clip_torch", "huggingface_hub", "datasets", "tokenizers", "safetensors")
+PACKAGES = (
+    "transformers",
+    "diffusers",
+    "peft",
+    "trl",
+    "accelerate",
+    "timm",
+    "open_clip_torch",
+    "huggingface_hub",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+)
 
 
 def _lower_bounds() -> dict[str, str]:
@@ -35,7 +47,9 @@ def test_every_lower_bound_is_pinned_in_the_oldest_leg():
         assert name in pins, f"{name} is not pinned in .ci/oldest.txt"
         pinned = tuple(int(x) for x in re.findall(r"\d+", pins[name]))
         declared = tuple(int(x) for x in re.findall(r"\d+", bounds[name]))
-        assert pinned[: len(declared)] == declared and all(x == 0 for x in pinned[len(declared) :]) or pinned == declared, (name, bounds[name], pins[name])
+        assert (
+            pinned[: len(declared)] == declared and all(x == 0 for x in pinned[len(declared) :]) or pinned == declared
+        ), (name, bounds[name], pins[name])
 
 
 def test_ci_runs_both_legs():

@@ -104,7 +104,9 @@ def test_eval_forward_matches_the_original(fixture, converted):
     devs = {}
     devs["inputs_embeds"] = report("inputs_embeds", captured["inputs_embeds"], inter["mm_decoder.inputs_embeds"])
     devs["vision_states"] = report("vision_states", captured["vision_states"], inter["mm_decoder.vision_hidden_states"])
-    devs["cross_attention_mask"] = report("mask", captured["cross_attention_mask"], inter["mm_decoder.cross_attention_mask"])
+    devs["cross_attention_mask"] = report(
+        "mask", captured["cross_attention_mask"], inter["mm_decoder.cross_attention_mask"]
+    )
     for i, h in enumerate(out.hidden_states):
         devs[f"hidden_states.{i}"] = report(f"hidden_states.{i}", h, inter[f"mm_decoder.hidden_states.{i}"])
     cols = inter["text_decoder.logits_sel_cols"]
@@ -112,7 +114,9 @@ def test_eval_forward_matches_the_original(fixture, converted):
     devs["logsumexp"] = report("logsumexp", out.logits.logsumexp(-1), inter["text_decoder.logits_logsumexp"])
     assert torch.equal(out.logits.argmax(-1), inter["text_decoder.logits_argmax"])
     pos = inter["text_decoder.logits_last_valid_pos"]
-    devs["logits_last_full"] = report("last logits", out.logits[torch.arange(2), pos], inter["text_decoder.logits_last_valid_full"])
+    devs["logits_last_full"] = report(
+        "last logits", out.logits[torch.arange(2), pos], inter["text_decoder.logits_last_valid_full"]
+    )
     # decoder perceiver: the original runs all three images; we run only those with context > [<s>, <soi>]
     # (images 0 and 1 of row 0), which is all the NIP loss uses.
     keep = [0, 1]
@@ -120,14 +124,20 @@ def test_eval_forward_matches_the_original(fixture, converted):
     width = int(ref_mask.sum(1).max())
     devs["decoder_perceiver_in"] = report("perceiver in", captured["decoder_perceiver_in"], ref_in[:, :width])
     assert torch.equal(captured["decoder_perceiver_mask"].long(), ref_mask[:, :width].long())
-    devs["decoder_perceiver_out"] = report("perceiver out", captured["decoder_perceiver_out"], inter["image_decoder.context_features"][keep])
+    devs["decoder_perceiver_out"] = report(
+        "perceiver out", captured["decoder_perceiver_out"], inter["image_decoder.context_features"][keep]
+    )
     print("max abs deviation per tensor:", {k: f"{v:.2e}" for k, v in devs.items()})
 
 
 def tape(fixture, prefix):
     t = fixture["train"]
     if prefix == "csr":
-        return dict(latent_noise=t["train.rng.00.sd0_encoder.randn"], noise=t["train.rng.01.sd0_encoder.randn_like"], timesteps=t["train.rng.02.sd0_encoder.randint"])
+        return dict(
+            latent_noise=t["train.rng.00.sd0_encoder.randn"],
+            noise=t["train.rng.01.sd0_encoder.randn_like"],
+            timesteps=t["train.rng.02.sd0_encoder.randint"],
+        )
     return dict(
         latent_noise=t["train.rng.04.image_decoder.sd1_decoder.randn"],
         noise=t["train.rng.05.image_decoder.sd1_decoder.randn_like"],
@@ -145,9 +155,16 @@ def test_train_losses_match_with_the_recorded_draws(fixture, converted):
     model, train = converted, fixture["train"]
     b = batch(fixture)
     with torch.no_grad():
-        out = model(**b, return_loss=True, csr_draws=DiffusionDraws(**tape(fixture, "csr")), nip_draws=DiffusionDraws(**tape(fixture, "nip")))
+        out = model(
+            **b,
+            return_loss=True,
+            csr_draws=DiffusionDraws(**tape(fixture, "csr")),
+            nip_draws=DiffusionDraws(**tape(fixture, "nip")),
+        )
         b1 = dict(b, pixel_values_decoder=2 * b["pixel_values_decoder"] - 1)
-        as_original = model(**b1, return_loss=True, loss_csr_weight=0.0, nip_draws=DiffusionDraws(**tape(fixture, "nip")))
+        as_original = model(
+            **b1, return_loss=True, loss_csr_weight=0.0, nip_draws=DiffusionDraws(**tape(fixture, "nip"))
+        )
     devs = {
         "loss_ntp": report("loss_ntp", out.loss_ntp, train["train.loss_txt"]),
         "loss_csr": report("loss_csr", out.loss_csr, train["train.loss_sniffer"]),
@@ -156,7 +173,13 @@ def test_train_losses_match_with_the_recorded_draws(fixture, converted):
     expected_total = train["train.loss"] + 5 * (out.loss_nip - as_original.loss_nip)
     devs["loss"] = report("loss", out.loss, expected_total)
     assert abs(out.loss_nip - as_original.loss_nip) > 1e-4  # the bug fix is visible in this batch
-    print("train-loss deviations:", {k: f"{v:.2e}" for k, v in devs.items()}, "| loss_nip fixed vs original:", out.loss_nip.item(), as_original.loss_nip.item())
+    print(
+        "train-loss deviations:",
+        {k: f"{v:.2e}" for k, v in devs.items()},
+        "| loss_nip fixed vs original:",
+        out.loss_nip.item(),
+        as_original.loss_nip.item(),
+    )
 
 
 def test_unet_probes_match(fixture, converted):
@@ -167,16 +190,32 @@ def test_unet_probes_match(fixture, converted):
     dec = [inter[f"image_decoder.mmfs_features.{i}"] for i in range(4)]
     enc = [inter[f"encoder_path.mmfs_features.{i}"] for i in range(4)]
     with torch.no_grad():
-        p_dec = unet_forward_with_side(model.unet, model.unet_side, noisy, t, inter["image_decoder.context_features"], dec, inter["image_decoder.mmfs_mask"])
-        p_enc = unet_forward_with_side(model.unet, model.unet_side, noisy, t, inter["encoder_path.dif_embed"], enc, inter["encoder_path.mmfs_mask"])
+        p_dec = unet_forward_with_side(
+            model.unet,
+            model.unet_side,
+            noisy,
+            t,
+            inter["image_decoder.context_features"],
+            dec,
+            inter["image_decoder.mmfs_mask"],
+        )
+        p_enc = unet_forward_with_side(
+            model.unet, model.unet_side, noisy, t, inter["encoder_path.dif_embed"], enc, inter["encoder_path.mmfs_mask"]
+        )
         p_plain = unet_forward_with_side(model.unet, None, noisy, t, inter["image_decoder.context_features"])
     report("pred_decoder_cond", p_dec, inter["unet_probe.pred_decoder_cond"])
     report("pred_encoder_cond", p_enc, inter["unet_probe.pred_encoder_cond"])
     report("pred_decoder_cond_no_mmfs", p_plain, inter["unet_probe.pred_decoder_cond_no_mmfs"])
-    assert torch.equal(model.csr_timesteps(inter["unet_probe.encoder_mode_timestep_map_in"]), inter["unet_probe.encoder_mode_timestep_map_out"])
+    assert torch.equal(
+        model.csr_timesteps(inter["unet_probe.encoder_mode_timestep_map_in"]),
+        inter["unet_probe.encoder_mode_timestep_map_out"],
+    )
 
 
-@pytest.mark.parametrize("prefix, ids_key, mask_key", [("gen", "gen_text_ids", "gen_attention_mask"), ("gen_trainbatch", "text_ids", "attention_mask")])
+@pytest.mark.parametrize(
+    "prefix, ids_key, mask_key",
+    [("gen", "gen_text_ids", "gen_attention_mask"), ("gen_trainbatch", "text_ids", "attention_mask")],
+)
 def test_greedy_generation_is_token_identical(fixture, converted, prefix, ids_key, mask_key):
     """The original's generate_texts (greedy, 8 new tokens, min_length 8, eos = </s> and <soi>); its returned ids
     start with a <s> placeholder (transformers 4.31 with inputs_embeds), so the 8 new tokens are columns 1..8."""
@@ -184,9 +223,17 @@ def test_greedy_generation_is_token_identical(fixture, converted, prefix, ids_ke
     ids, mask = inp[ids_key], inp[mask_key]
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, pixel_values=inp["image_tensors"], image_masks=inp["image_tensors_mask"],
-            num_images=inp["num_image_per_seq"], max_new_tokens=8, min_new_tokens=7, do_sample=False,
-            pad_token_id=31999, return_dict_in_generate=True, output_logits=True,
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=inp["image_tensors"],
+            image_masks=inp["image_tensors_mask"],
+            num_images=inp["num_image_per_seq"],
+            max_new_tokens=8,
+            min_new_tokens=7,
+            do_sample=False,
+            pad_token_id=31999,
+            return_dict_in_generate=True,
+            output_logits=True,
             # the right-padded batch: decode after the padding as the original does (the default left-aligns)
             right_padding="continue",
         )

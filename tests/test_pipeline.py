@@ -16,9 +16,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
-
 from conftest import tiny_model
+from diffusers import DDIMScheduler, DDPMScheduler
 
 STEPS = 2
 
@@ -71,8 +70,11 @@ def manual_latents(model, condition, negative, feats, mask, guidance_scale, step
     latents = latents * sched.init_noise_sigma
     with torch.no_grad():
         for t in sched.timesteps:
+
             def eps(c):
-                return unet_forward_with_side(model.unet, model.unet_side, latents, t, c, side_features=feats, side_mask=mask)
+                return unet_forward_with_side(
+                    model.unet, model.unet_side, latents, t, c, side_features=feats, side_mask=mask
+                )
 
             e_cond = eps(condition)
             if guidance_scale > 1:
@@ -178,10 +180,19 @@ def test_guidance_one_is_the_conditional_path(model, pipe):
     pe = cond(model, seed=4)
     feats, mask = zero_side(model, 2)
     ref = manual_latents(model, pe, None, feats, mask, 1.0, STEPS, seed=9)
-    out = pipe(prompt_embeds=pe, guidance_scale=1.0, num_inference_steps=STEPS, output_type="latent", generator=gen(9)).images
+    out = pipe(
+        prompt_embeds=pe, guidance_scale=1.0, num_inference_steps=STEPS, output_type="latent", generator=gen(9)
+    ).images
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the negative condition plays no part without guidance
-    other = pipe(prompt_embeds=pe, negative_prompt_embeds=torch.randn_like(pe), guidance_scale=1.0, num_inference_steps=STEPS, output_type="latent", generator=gen(9)).images
+    other = pipe(
+        prompt_embeds=pe,
+        negative_prompt_embeds=torch.randn_like(pe),
+        guidance_scale=1.0,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        generator=gen(9),
+    ).images
     assert torch.equal(out, other)
 
 
@@ -192,11 +203,24 @@ def test_guidance_matches_separate_uncond_and_cond_passes(model, pipe):
     null = model.null_condition.detach().expand(2, -1, -1)
     ref = manual_latents(model, pe, null, feats, mask, 3.5, STEPS, seed=13)
     out = pipe(
-        prompt_embeds=pe, side_features=[f[:, 0] for f in feats], side_mask=torch.tensor([1.0, 0.0]),
-        guidance_scale=3.5, num_inference_steps=STEPS, output_type="latent", generator=gen(13),
+        prompt_embeds=pe,
+        side_features=[f[:, 0] for f in feats],
+        side_mask=torch.tensor([1.0, 0.0]),
+        guidance_scale=3.5,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        generator=gen(13),
     ).images
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    no_cfg = pipe(prompt_embeds=pe, side_features=[f[:, 0] for f in feats], side_mask=torch.tensor([1.0, 0.0]), guidance_scale=1.0, num_inference_steps=STEPS, output_type="latent", generator=gen(13)).images
+    no_cfg = pipe(
+        prompt_embeds=pe,
+        side_features=[f[:, 0] for f in feats],
+        side_mask=torch.tensor([1.0, 0.0]),
+        guidance_scale=1.0,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        generator=gen(13),
+    ).images
     assert (out - no_cfg).abs().max() > 1e-3
 
 
@@ -217,7 +241,14 @@ def test_guidance_batches_uncond_then_cond_with_duplicated_side_inputs(model, pi
         model.unet_side.register_forward_pre_hook(grab_side),
     ]
     try:
-        pipe(prompt_embeds=pe, side_features=maps, side_mask=torch.tensor([[1.0], [0.0]]), guidance_scale=2.0, num_inference_steps=STEPS, output_type="latent")
+        pipe(
+            prompt_embeds=pe,
+            side_features=maps,
+            side_mask=torch.tensor([[1.0], [0.0]]),
+            guidance_scale=2.0,
+            num_inference_steps=STEPS,
+            output_type="latent",
+        )
     finally:
         for h in handles:
             h.remove()
@@ -235,8 +266,12 @@ def test_negative_default_is_the_learned_null_condition(model, pipe):
     pe = cond(model, seed=7)
     kw = dict(prompt_embeds=pe, guidance_scale=3.5, num_inference_steps=STEPS, output_type="latent")
     default = pipe(**kw, generator=gen(3)).images
-    explicit = pipe(**kw, negative_prompt_embeds=model.null_condition.detach().expand(2, -1, -1).clone(), generator=gen(3)).images
-    single = pipe(**kw, negative_prompt_embeds=model.null_condition.detach().clone(), generator=gen(3)).images  # [1,Q,D]
+    explicit = pipe(
+        **kw, negative_prompt_embeds=model.null_condition.detach().expand(2, -1, -1).clone(), generator=gen(3)
+    ).images
+    single = pipe(
+        **kw, negative_prompt_embeds=model.null_condition.detach().clone(), generator=gen(3)
+    ).images  # [1,Q,D]
     other = pipe(**kw, negative_prompt_embeds=torch.zeros_like(pe), generator=gen(3)).images
     assert torch.equal(default, explicit) and torch.equal(default, single)
     assert (default - other).abs().max() > 1e-4
@@ -274,8 +309,12 @@ def test_side_features_change_the_image_and_mask_zero_means_absent(model, pipe):
     present = pipe(**kw, side_features=maps, generator=gen(5)).images  # mask defaults to ones
     ones = pipe(**kw, side_features=maps, side_mask=torch.ones(2, 1), generator=gen(5)).images
     masked = pipe(**kw, side_features=maps, side_mask=torch.zeros(2), generator=gen(5)).images
-    explicit_zeros = pipe(**kw, side_features=[torch.zeros_like(m) for m in maps], side_mask=torch.zeros(2), generator=gen(5)).images
-    with_axis = pipe(**kw, side_features=[m[:, None] for m in maps], side_mask=torch.ones(2, 1), generator=gen(5)).images
+    explicit_zeros = pipe(
+        **kw, side_features=[torch.zeros_like(m) for m in maps], side_mask=torch.zeros(2), generator=gen(5)
+    ).images
+    with_axis = pipe(
+        **kw, side_features=[m[:, None] for m in maps], side_mask=torch.ones(2, 1), generator=gen(5)
+    ).images
     assert (present - none).abs().max() > 1e-3
     assert torch.equal(present, ones) and torch.equal(present, with_axis)
     torch.testing.assert_close(masked, none, rtol=0, atol=1e-6)
@@ -310,7 +349,13 @@ def test_callback_on_step_end_is_called_every_step_and_can_replace_latents(model
         calls.append((step, int(timestep), sorted(kwargs)))
         return {}
 
-    pipe(prompt_embeds=pe, num_inference_steps=3, output_type="latent", callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])
+    pipe(
+        prompt_embeds=pe,
+        num_inference_steps=3,
+        output_type="latent",
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+    )
     pipe.scheduler.set_timesteps(3)
     assert [c[0] for c in calls] == [0, 1, 2]
     assert [c[1] for c in calls] == pipe.scheduler.timesteps.tolist()
@@ -326,11 +371,23 @@ def test_callback_on_step_end_is_called_every_step_and_can_replace_latents(model
         return {"prompt_embeds": torch.zeros_like(kwargs["prompt_embeds"])} if step == 0 else {}
 
     a = pipe(prompt_embeds=pe, num_inference_steps=3, output_type="latent", generator=gen(2)).images
-    b = pipe(prompt_embeds=pe, num_inference_steps=3, output_type="latent", generator=gen(2), callback_on_step_end=swap_condition, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    b = pipe(
+        prompt_embeds=pe,
+        num_inference_steps=3,
+        output_type="latent",
+        generator=gen(2),
+        callback_on_step_end=swap_condition,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    ).images
     assert (a - b).abs().max() > 1e-4
 
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        pipe(prompt_embeds=pe, num_inference_steps=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise_pred"])
+        pipe(
+            prompt_embeds=pe,
+            num_inference_steps=1,
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["noise_pred"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,8 +442,10 @@ def test_model_cpu_offload_runs_and_matches(model):
     from deem.modeling.mmfs import DeemUNetSideNetwork
 
     if not hasattr(DeemUNetSideNetwork, "dtype"):
-        pytest.skip("DiffusionPipeline.to / enable_model_cpu_offload read `.dtype` of every component; "
-                    "DeemUNetSideNetwork does not define `device` / `dtype` properties")
+        pytest.skip(
+            "DiffusionPipeline.to / enable_model_cpu_offload read `.dtype` of every component; "
+            "DeemUNetSideNetwork does not define `device` / `dtype` properties"
+        )
     p = model_pipeline(model)
     pe = cond(model, seed=12)
     maps = side_maps(model, seed=1)
@@ -462,15 +521,17 @@ FRESH = textwrap.dedent(
 
 def test_fresh_process_trust_remote_code_pipeline(model, pipe, saved):
     if not (saved / "pipeline_deem.py").exists():
-        pytest.skip("pipeline_deem.py is copied next to the weights only once modeling_deem.py imports it "
-                    "(`from .pipeline_deem import DeemImagePipeline`)")
+        pytest.skip(
+            "pipeline_deem.py is copied next to the weights only once modeling_deem.py imports it "
+            "(`from .pipeline_deem import DeemImagePipeline`)"
+        )
     pe = cond(model, seed=14)
     images = pipe(prompt_embeds=pe, num_inference_steps=2, output_type="pt", generator=gen(8)).images
     torch.save({"prompt_embeds": pe, "images": images}, saved / "pipe_reference.pt")
     proc = subprocess.run([sys.executable, "-c", FRESH, str(saved)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    out = json.loads(line[len("RESULT"):])
+    out = json.loads(line[len("RESULT") :])
     assert out["module"].startswith("transformers_modules") and out["module"].endswith(".pipeline_deem")
     assert out["shared"] and out["equal"]
 

@@ -4,7 +4,6 @@ resizing, attention implementations per sub-model, image features, checkpointing
 
 import pytest
 import torch
-
 from conftest import tiny_batch, tiny_config, tiny_model
 
 
@@ -24,7 +23,11 @@ def test_base_model_and_heads(model):
     from deem import DeemModel
     from deem.modeling.image_decoder_deem import DeemImageDecoder
 
-    assert type(model).base_model_prefix == "model" and isinstance(model.model, DeemModel) and model.base_model is model.model
+    assert (
+        type(model).base_model_prefix == "model"
+        and isinstance(model.model, DeemModel)
+        and model.base_model is model.model
+    )
     assert isinstance(model.image_decoder, DeemImageDecoder)
     assert model.get_decoder() is model.model.language_model and model.get_output_embeddings() is model.lm_head.base
     assert model.get_input_embeddings() is model.model.language_model.embed_tokens
@@ -95,7 +98,14 @@ def test_output_attentions_needs_eager_and_returns_per_layer_weights(batch):
     torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, heads, length))  # rows are distributions
     # causal: nothing attends to the future (row 0 has no padding)
     assert torch.all(out.attentions[1][0].triu(1) == 0)
-    gen = eager.generate(**batch, max_new_tokens=2, soi="suppress", output_attentions=True, return_dict_in_generate=True, pad_token_id=cfg.pad_token_id)
+    gen = eager.generate(
+        **batch,
+        max_new_tokens=2,
+        soi="suppress",
+        output_attentions=True,
+        return_dict_in_generate=True,
+        pad_token_id=cfg.pad_token_id,
+    )
     assert len(gen.attentions) == 2 and len(gen.attentions[0]) == layers
 
 
@@ -110,7 +120,9 @@ def test_attn_implementation_per_sub_model(tmp_path, model):
     from deem import DeemForInterleavedGeneration
 
     model.save_pretrained(tmp_path)
-    mixed = DeemForInterleavedGeneration.from_pretrained(tmp_path, attn_implementation={"text_config": "eager", "": "sdpa"})
+    mixed = DeemForInterleavedGeneration.from_pretrained(
+        tmp_path, attn_implementation={"text_config": "eager", "": "sdpa"}
+    )
     assert mixed.config.text_config._attn_implementation == "eager"
     assert mixed.config._attn_implementation == "sdpa"
     assert mixed.model.language_model.layers[0].self_attn.config._attn_implementation == "eager"
@@ -126,12 +138,17 @@ def test_resize_token_embeddings_keeps_the_deem_head(tmp_path):
     with torch.no_grad():
         before = model(input_ids=ids, return_loss=False).logits
     model.resize_token_embeddings(old_vocab + 3)
-    assert cfg.text_config.vocab_size == old_vocab + 3 and model.lm_head.new_tokens.out_features == old_vocab + 3 - cfg.original_vocab_size
+    assert (
+        cfg.text_config.vocab_size == old_vocab + 3
+        and model.lm_head.new_tokens.out_features == old_vocab + 3 - cfg.original_vocab_size
+    )
     assert not model.lm_head.base.weight.requires_grad and model.lm_head.new_tokens.weight.requires_grad  # split kept
     with torch.no_grad():
         after = model(input_ids=ids, return_loss=False).logits
     torch.testing.assert_close(after[..., :old_vocab], before, atol=1e-6, rtol=1e-6)  # old ids unchanged
-    torch.testing.assert_close(after[..., old_vocab:], torch.full_like(after[..., old_vocab:], cfg.new_token_logit_init), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        after[..., old_vocab:], torch.full_like(after[..., old_vocab:], cfg.new_token_logit_init), atol=1e-4, rtol=0
+    )
     assert after[0, -1, cfg.soi_token_id] > -50  # <|startofimage|> can still be generated
     model.save_pretrained(tmp_path)
     again = DeemForInterleavedGeneration.from_pretrained(tmp_path, strict=True)
@@ -186,7 +203,9 @@ def test_each_sub_config_saves_and_loads_on_its_own(tmp_path):
         assert loaded.to_diff_dict() == sub.to_diff_dict() or loaded.to_dict() == sub.to_dict(), key
     from deem.modeling.configuration_deem import DeemDecoderPerceiverConfig
 
-    assert DeemDecoderPerceiverConfig.from_pretrained(tmp_path).hidden_size == config.decoder_perceiver_config.hidden_size
+    assert (
+        DeemDecoderPerceiverConfig.from_pretrained(tmp_path).hidden_size == config.decoder_perceiver_config.hidden_size
+    )
     seven_b = DeemConfig()
     seven_b.save_pretrained(tmp_path / "7b")
     assert DeemDecoderPerceiverConfig.from_pretrained(tmp_path / "7b").hidden_size == 1024
@@ -197,14 +216,18 @@ def test_auto_model_for_image_text_to_text(tmp_path, model):
 
     model.save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForImageTextToText"] == auto_map["AutoModel"] == "modeling_deem.DeemForInterleavedGeneration"
+    assert (
+        auto_map["AutoModelForImageTextToText"] == auto_map["AutoModel"] == "modeling_deem.DeemForInterleavedGeneration"
+    )
 
 
 def test_generate_from_inputs_embeds_text_only(model):
     cfg = model.config
     ids = torch.tensor([[cfg.bos_token_id, 5, 6, 7]])
     embeds = model.get_input_embeddings()(ids)
-    common = dict(max_new_tokens=4, do_sample=False, soi="suppress", pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id)
+    common = dict(
+        max_new_tokens=4, do_sample=False, soi="suppress", pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id
+    )
     from_ids = model.generate(input_ids=ids, **common)
     from_embeds = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), **common)
     assert torch.equal(from_embeds, from_ids[:, ids.shape[1] :])
@@ -214,12 +237,13 @@ def test_generate_from_inputs_embeds_text_only(model):
 
 def test_right_padding_gives_each_row_what_it_gives_alone(model):
     from test_generation import ForceSoiAt
-
     from transformers import LogitsProcessorList
 
     cfg = model.config
     g = torch.Generator().manual_seed(8)
-    rows = [[cfg.bos_token_id] + torch.randint(3, cfg.original_vocab_size - 2, (n,), generator=g).tolist() for n in (5, 2)]
+    rows = [
+        [cfg.bos_token_id] + torch.randint(3, cfg.original_vocab_size - 2, (n,), generator=g).tolist() for n in (5, 2)
+    ]
     width = max(map(len, rows))
     ids = torch.tensor([r + [cfg.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
@@ -227,13 +251,38 @@ def test_right_padding_gives_each_row_what_it_gives_alone(model):
     for soi in ("suppress", "draw"):
         extra = {"num_inference_steps": 2, "max_new_images": 1} if soi == "draw" else {}
         plan = [(0, 1), (1, 2)]
-        force = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, width, plan, (cfg.pad_token_id, cfg.image_token_id))]) if soi == "draw" else None
-        out = model.generate(input_ids=ids, attention_mask=mask, soi=soi, logits_processor=force, generator=[torch.Generator().manual_seed(b) for b in range(2)] if soi == "draw" else None, **common, **extra)
+        force = (
+            LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, width, plan, (cfg.pad_token_id, cfg.image_token_id))])
+            if soi == "draw"
+            else None
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            soi=soi,
+            logits_processor=force,
+            generator=[torch.Generator().manual_seed(b) for b in range(2)] if soi == "draw" else None,
+            **common,
+            **extra,
+        )
         seqs = out.sequences if soi == "draw" else out
         out_mask = out.attention_mask if soi == "draw" else None
         for b, row in enumerate(rows):
-            force_b = LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, len(row), [plan[b]], (cfg.pad_token_id, cfg.image_token_id))]) if soi == "draw" else None
-            alone = model.generate(input_ids=torch.tensor([row]), soi=soi, logits_processor=force_b, generator=[torch.Generator().manual_seed(b)] if soi == "draw" else None, **common, **extra)
+            force_b = (
+                LogitsProcessorList(
+                    [ForceSoiAt(cfg.soi_token_id, len(row), [plan[b]], (cfg.pad_token_id, cfg.image_token_id))]
+                )
+                if soi == "draw"
+                else None
+            )
+            alone = model.generate(
+                input_ids=torch.tensor([row]),
+                soi=soi,
+                logits_processor=force_b,
+                generator=[torch.Generator().manual_seed(b)] if soi == "draw" else None,
+                **common,
+                **extra,
+            )
             alone_seq = alone.sequences[0] if soi == "draw" else alone[0]
             got = seqs[b][out_mask[b].bool()] if out_mask is not None else seqs[b][seqs[b] != cfg.pad_token_id]
             assert got.tolist() == alone_seq.tolist(), (soi, b)
@@ -250,7 +299,9 @@ def test_text_path_compiles_fullgraph_and_exports(model):
             self.inner = inner
 
         def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_loss=False).logits
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_loss=False
+            ).logits
 
     wrapped = TextOnly(model).eval()
     with torch.no_grad():
@@ -267,7 +318,12 @@ def test_draw_mode_resolves_the_generation_config_and_its_processors(model):
 
     cfg = model.config
     ids = torch.tensor([[cfg.bos_token_id, 5, 6, 7]])
-    out = model.generate(input_ids=ids, soi="draw", generation_config=GenerationConfig(max_new_tokens=3, eos_token_id=-5, do_sample=False), num_inference_steps=2)
+    out = model.generate(
+        input_ids=ids,
+        soi="draw",
+        generation_config=GenerationConfig(max_new_tokens=3, eos_token_id=-5, do_sample=False),
+        num_inference_steps=2,
+    )
     assert isinstance(out, GenerateDecoderOnlyOutput)
     assert out.sequences.shape[1] - ids.shape[1] in (3, 3 + cfg.num_image_tokens)  # a passed config is not ignored
 
@@ -278,17 +334,51 @@ def test_draw_mode_resolves_the_generation_config_and_its_processors(model):
         def __call__(self, input_ids, scores, **kwargs):
             return torch.full((input_ids.shape[0],), input_ids.shape[1] >= ids.shape[1] + self.n, dtype=torch.bool)
 
-    stopped = model.generate(input_ids=ids, soi="draw", max_new_tokens=10, eos_token_id=-5, suppress_tokens=[cfg.soi_token_id],
-                             stopping_criteria=StoppingCriteriaList([StopAfter(2)]), num_inference_steps=2, max_new_images=0)
+    stopped = model.generate(
+        input_ids=ids,
+        soi="draw",
+        max_new_tokens=10,
+        eos_token_id=-5,
+        suppress_tokens=[cfg.soi_token_id],
+        stopping_criteria=StoppingCriteriaList([StopAfter(2)]),
+        num_inference_steps=2,
+        max_new_images=0,
+    )
     assert stopped.sequences.shape[1] == ids.shape[1] + 2
     # a processor from the config: repetition_penalty changes the scores like the library's processor does
-    plain = model.generate(input_ids=ids, soi="draw", max_new_tokens=2, eos_token_id=-5, output_scores=True, output_logits=True, max_new_images=0)
-    penal = model.generate(input_ids=ids, soi="draw", max_new_tokens=2, eos_token_id=-5, output_scores=True, output_logits=True, max_new_images=0, repetition_penalty=5.0)
+    plain = model.generate(
+        input_ids=ids,
+        soi="draw",
+        max_new_tokens=2,
+        eos_token_id=-5,
+        output_scores=True,
+        output_logits=True,
+        max_new_images=0,
+    )
+    penal = model.generate(
+        input_ids=ids,
+        soi="draw",
+        max_new_tokens=2,
+        eos_token_id=-5,
+        output_scores=True,
+        output_logits=True,
+        max_new_images=0,
+        repetition_penalty=5.0,
+    )
     torch.testing.assert_close(plain.logits[0], penal.logits[0])
     assert not torch.allclose(plain.scores[0], penal.scores[0])
     # num_return_sequences repeats each row
     gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)]
-    twice = model.generate(input_ids=ids, soi="draw", max_new_tokens=2, eos_token_id=-5, do_sample=True, num_return_sequences=2, max_new_images=0, generator=gens)
+    twice = model.generate(
+        input_ids=ids,
+        soi="draw",
+        max_new_tokens=2,
+        eos_token_id=-5,
+        do_sample=True,
+        num_return_sequences=2,
+        max_new_images=0,
+        generator=gens,
+    )
     assert twice.sequences.shape[0] == 2 and torch.equal(twice.sequences[0], twice.sequences[1])
     with pytest.raises(ValueError, match="beam search"):
         model.generate(input_ids=ids, soi="draw", num_beams=2)
@@ -314,17 +404,32 @@ def test_decoding_variants_with_images_equal_plain_greedy(model, mode):
 
     cfg = model.config
     b = tiny_batch(cfg, seed=2, pad_side="left")
-    one = {"input_ids": b["input_ids"][:1], "attention_mask": b["attention_mask"][:1], "pixel_values": b["pixel_values"][:2], "num_images": b["num_images"][:1]}
+    one = {
+        "input_ids": b["input_ids"][:1],
+        "attention_mask": b["attention_mask"][:1],
+        "pixel_values": b["pixel_values"][:2],
+        "num_images": b["num_images"][:1],
+    }
     common = dict(do_sample=False, soi="suppress", pad_token_id=cfg.pad_token_id, eos_token_id=-5)
     ref = model.generate(**one, max_new_tokens=6, **common)
     if mode == "continue_from_cache":
         first = model.generate(**one, max_new_tokens=3, return_dict_in_generate=True, **common)
         mask = torch.cat([one["attention_mask"], torch.ones(1, 3, dtype=torch.long)], 1)
-        out = model.generate(input_ids=first.sequences, attention_mask=mask, pixel_values=one["pixel_values"], num_images=one["num_images"],
-                             max_new_tokens=3, **common, **{CACHE_FIELD: getattr(first, CACHE_FIELD)})
+        out = model.generate(
+            input_ids=first.sequences,
+            attention_mask=mask,
+            pixel_values=one["pixel_values"],
+            num_images=one["num_images"],
+            max_new_tokens=3,
+            **common,
+            **{CACHE_FIELD: getattr(first, CACHE_FIELD)},
+        )
     else:
-        extra = {"static_cache": {"cache_implementation": "static"}, "prompt_lookup": {"prompt_lookup_num_tokens": 3},
-                 "assisted": {"assistant_model": tiny_model(seed=31)}}[mode]
+        extra = {
+            "static_cache": {"cache_implementation": "static"},
+            "prompt_lookup": {"prompt_lookup_num_tokens": 3},
+            "assisted": {"assistant_model": tiny_model(seed=31)},
+        }[mode]
         out = model.generate(**one, max_new_tokens=6, **common, **extra)
     assert torch.equal(out, ref)
 
@@ -333,12 +438,25 @@ def test_dtype_per_sub_model(tmp_path, model):
     from deem import DeemForInterleavedGeneration
 
     model.save_pretrained(tmp_path)
-    mixed = DeemForInterleavedGeneration.from_pretrained(tmp_path, dtype={"text_config": torch.bfloat16, "": torch.float32})
+    mixed = DeemForInterleavedGeneration.from_pretrained(
+        tmp_path, dtype={"text_config": torch.bfloat16, "": torch.float32}
+    )
     assert mixed.language_model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
     assert mixed.language_model.layers[0].cross_attn.gate.dtype == torch.float32  # cross_attention_config: the rest
-    assert mixed.image_encoder.perceiver.queries.dtype == torch.float32 and mixed.vae.encoder.conv_in.weight.dtype == torch.float32
-    half_side = DeemForInterleavedGeneration.from_pretrained(tmp_path, dtype={"diffusion_config": torch.bfloat16, "perceiver_config": torch.bfloat16})
-    assert half_side.unet.conv_in.weight.dtype == torch.bfloat16 and half_side.vae.encoder.conv_in.weight.dtype == torch.float32
-    assert half_side.image_encoder.perceiver.queries.dtype == torch.bfloat16 and half_side.image_encoder.clip_mean.dtype == torch.float32
+    assert (
+        mixed.image_encoder.perceiver.queries.dtype == torch.float32
+        and mixed.vae.encoder.conv_in.weight.dtype == torch.float32
+    )
+    half_side = DeemForInterleavedGeneration.from_pretrained(
+        tmp_path, dtype={"diffusion_config": torch.bfloat16, "perceiver_config": torch.bfloat16}
+    )
+    assert (
+        half_side.unet.conv_in.weight.dtype == torch.bfloat16
+        and half_side.vae.encoder.conv_in.weight.dtype == torch.float32
+    )
+    assert (
+        half_side.image_encoder.perceiver.queries.dtype == torch.bfloat16
+        and half_side.image_encoder.clip_mean.dtype == torch.float32
+    )
     with pytest.raises(ValueError, match="not sub-configs"):
         DeemForInterleavedGeneration.from_pretrained(tmp_path, dtype={"llm": torch.bfloat16})

@@ -10,9 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, tiny_config, tiny_model
+from safetensors.torch import load_file
 
 from deem.modeling.modeling_deem import COMPONENTS, STAGE_TRAINABLE
 from deem.trainers.trainer import (
@@ -69,7 +68,9 @@ def _state(model):
 
 
 def test_stage_defaults_match_table_12(tmp_path):
-    a1, a2, a3 = (DeemTrainingArguments(output_dir=str(tmp_path), stage=s, use_cpu=True, report_to="none") for s in (1, 2, 3))
+    a1, a2, a3 = (
+        DeemTrainingArguments(output_dir=str(tmp_path), stage=s, use_cpu=True, report_to="none") for s in (1, 2, 3)
+    )
     assert (a1.learning_rate, a1.adam_beta1, a1.adam_beta2, a1.adam_epsilon) == (1e-4, 0.9, 0.995, 1e-6)
     for a in (a2, a3):
         assert (a.learning_rate, a.adam_beta1, a.adam_beta2, a.adam_epsilon) == (1e-5, 0.9, 0.999, 1e-8)
@@ -123,7 +124,12 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
         g = g1[id(named[name])]
         assert g["lr"] == pytest.approx(lr) and g["weight_decay"] == wd and g["name"].split("/")[0] == group, name
     # frozen parameters are in no group
-    for name in ("language_model.layers.0.self_attn.q_proj.weight", "unet.conv_in.weight", "vae.encoder.conv_in.weight", "lm_head.base.weight"):
+    for name in (
+        "language_model.layers.0.self_attn.q_proj.weight",
+        "unet.conv_in.weight",
+        "vae.encoder.conv_in.weight",
+        "lm_head.base.weight",
+    ):
         assert id(named[name]) not in g1, name
     assert build_param_groups(model, _args(tmp_path, 1))[0]["name"] == "default"  # the logged learning rate
 
@@ -144,7 +150,9 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
         g = g2[id(named[name])]
         assert g["lr"] == pytest.approx(lr) and g["weight_decay"] == wd, name
     assert id(named["image_encoder.backbone.trunk.stem.0.weight"]) not in g2  # frozen in stage 2
-    assert optimizer_group_of("base_model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight") == "lora"
+    assert (
+        optimizer_group_of("base_model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight") == "lora"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ stage training
@@ -155,7 +163,12 @@ def test_stage_trains_with_falling_losses(tmp_path, stage):
     torch.set_num_threads(1)
     model = tiny_model()
     before = _state(model)
-    trainer = DeemTrainer(model, _args(tmp_path, stage), train_dataset=_dataset(model, stage), data_collator=SyntheticCollator(model.config.pad_token_id))
+    trainer = DeemTrainer(
+        model,
+        _args(tmp_path, stage),
+        train_dataset=_dataset(model, stage),
+        data_collator=SyntheticCollator(model.config.pad_token_id),
+    )
 
     # trainable set == the stage table, per component
     trainable = STAGE_TRAINABLE[stage]
@@ -181,7 +194,11 @@ def test_stage_trains_with_falling_losses(tmp_path, stage):
 
     # frozen weights did not move, trainable ones did (by component)
     after = _state(model)
-    no_loss_path = set() if stage == 1 else {"decoder perceiver", "image decoder"} | ({"UNet side network"} if stage == 3 else set())
+    no_loss_path = (
+        set()
+        if stage == 1
+        else {"decoder perceiver", "image decoder"} | ({"UNet side network"} if stage == 3 else set())
+    )
     for component, params in model.component_parameters().items():
         moved = [not torch.equal(before[n], after[n]) for n, _ in params]
         if component not in trainable:
@@ -204,7 +221,12 @@ def test_lora_stage2_save_load_merge(tmp_path):
     model = get_peft_model(tiny_model(), config)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    trainer = DeemTrainer(model, _args(tmp_path / "run", 2, max_steps=12), train_dataset=_dataset(model, 2), data_collator=SyntheticCollator(model.config.pad_token_id))
+    trainer = DeemTrainer(
+        model,
+        _args(tmp_path / "run", 2, max_steps=12),
+        train_dataset=_dataset(model, 2),
+        data_collator=SyntheticCollator(model.config.pad_token_id),
+    )
     trainer.train()
     logs = _train_logs(trainer)
     assert all("loss_csr" in r and "loss_ntp" in r and "loss_nip" not in r for r in logs)
@@ -213,7 +235,9 @@ def test_lora_stage2_save_load_merge(tmp_path):
         if "lora_" not in n:
             assert torch.equal(p, base_before[n]), n
     moved = {n.split(".layers.")[0] for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
-    assert any("language_model" in n for n in moved) and any("image_encoder.perceiver" in n for n in moved)  # CSR reaches the encoder adapters
+    assert any("language_model" in n for n in moved) and any(
+        "image_encoder.perceiver" in n for n in moved
+    )  # CSR reaches the encoder adapters
 
     adapter_dir = tmp_path / "adapter"
     trainer.save_model(str(adapter_dir))
@@ -245,7 +269,9 @@ def test_qlora_recipe(tmp_path):
     qmodel = get_peft_model(load_for_qlora(str(tmp_path / "base")), deem_lora_config(["llm"], r=4))
     assert any("4bit" in type(m).__name__ for m in qmodel.modules())
     args = _args(tmp_path / "run", 2, max_steps=3, use_cpu=False, bf16=True)
-    trainer = DeemTrainer(qmodel, args, train_dataset=_dataset(model, 2), data_collator=SyntheticCollator(model.config.pad_token_id))
+    trainer = DeemTrainer(
+        qmodel, args, train_dataset=_dataset(model, 2), data_collator=SyntheticCollator(model.config.pad_token_id)
+    )
     trainer.train()
     assert all(np.isfinite(r["loss"]) for r in _train_logs(trainer))
 
@@ -286,18 +312,30 @@ def test_sft_trainer_trl_stage2(tmp_path):
     torch.set_num_threads(1)
     model, proc = _real_tokenizer_setup()
     rng = np.random.default_rng(0)
-    qa = [("What is the man holding?", "The answer is yes."), ("Where is the red car parked?", "a dog is standing near the river.")]
+    qa = [
+        ("What is the man holding?", "The answer is yes."),
+        ("Where is the red car parked?", "a dog is standing near the river."),
+    ]
     rows = []
     for i in range(4):
         q, a = qa[i % 2]
         image = PIL.Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
-        rows.append({
-            "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "Based on the image, please answer the question."}, {"type": "image"}, {"type": "text", "text": q}]},
-                {"role": "assistant", "content": [{"type": "text", "text": a}]},
-            ],
-            "images": [image],
-        })
+        rows.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Based on the image, please answer the question."},
+                            {"type": "image"},
+                            {"type": "text", "text": q},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": a}]},
+                ],
+                "images": [image],
+            }
+        )
     dataset = datasets.Dataset.from_list(rows)
 
     # only the assistant answers (and their </s>) are supervised
@@ -308,9 +346,22 @@ def test_sft_trainer_trl_stage2(tmp_path):
     assert batch["pixel_values"].shape == (2, 3, 64, 64) and batch["pixel_values_decoder"].shape == (2, 3, 32, 32)
 
     args = DeemSFTConfig(
-        output_dir=str(tmp_path), stage=2, learning_rate=1e-2, max_steps=16, per_device_train_batch_size=2, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,
-        disable_tqdm=True, lr_scheduler_type="constant", max_length=256, log_level="error",
+        output_dir=str(tmp_path),
+        stage=2,
+        learning_rate=1e-2,
+        max_steps=16,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        max_length=256,
+        log_level="error",
     )
     assert args.loss_weights == {"ntp": 1.0, "nip": 0.0, "csr": 5.0} and args.adam_beta2 == 0.999
     trainer = DeemSFTTrainer(model, args, train_dataset=dataset, processing_class=proc)
@@ -327,8 +378,24 @@ def test_sft_trainer_trl_stage2(tmp_path):
 
 def _resume_trainer(out, model=None):
     model = model or tiny_model()
-    args = _args(out, 1, max_steps=6, per_device_train_batch_size=1, gradient_accumulation_steps=2, save_strategy="steps", save_steps=2, learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=1)
-    return DeemTrainer(model, args, train_dataset=_dataset(model, 1, n=6, seed=3), data_collator=SyntheticCollator(model.config.pad_token_id))
+    args = _args(
+        out,
+        1,
+        max_steps=6,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=5e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+    )
+    return DeemTrainer(
+        model,
+        args,
+        train_dataset=_dataset(model, 1, n=6, seed=3),
+        data_collator=SyntheticCollator(model.config.pad_token_id),
+    )
 
 
 def test_resume_and_crash_during_save(tmp_path, monkeypatch):
@@ -337,7 +404,11 @@ def test_resume_and_crash_during_save(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     full = _resume_trainer(tmp_path / "full")
     full.train()
-    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "full").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
     assert not (tmp_path / "full" / ".staging").exists()
 
     # crash half-way through writing checkpoint-4 (model weights already written, RNG states / trainer state not)
@@ -387,14 +458,29 @@ def test_two_processes_match_one(tmp_path):
     two = tmp_path / "two"
     # accelerate's own launcher with real processes; on CPU it needs --multi_gpu to use torch.distributed (gloo),
     # plain --cpu --num_processes 2 goes to its MPI launcher and starts one process
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     cmd = accelerate + ["-m", "deem.trainers", "--stage", "1", "--config", "tiny", "--output_dir", str(two)]
     for s in sets:
         cmd += ["--set", s]
     _run(cmd, cwd=tmp_path)
 
     torch.set_num_threads(1)
-    one = build_trainer(load_config("tiny", sets + ["training.gradient_accumulation_steps=2"], stage=1), str(tmp_path / "one"))
+    one = build_trainer(
+        load_config("tiny", sets + ["training.gradient_accumulation_steps=2"], stage=1), str(tmp_path / "one")
+    )
     one.train()
 
     logs_two = [r for r in json.loads((two / "trainer_state.json").read_text())["log_history"] if "loss" in r]
@@ -409,12 +495,14 @@ def test_two_processes_match_one(tmp_path):
         assert torch.allclose(weights[name].float(), p.detach().float(), atol=1e-5), name
 
 
-FSDP_SCRIPT = textwrap.dedent('''
+FSDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     from conftest import tiny_model
-    from deem.trainers.trainer import DeemTrainingArguments, SyntheticInterleavedDataset, SyntheticCollator, build_param_groups
+    from deem.trainers.trainer import (
+        DeemTrainingArguments, SyntheticInterleavedDataset, SyntheticCollator, build_param_groups
+    )
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = tiny_model().set_training_stage(1).train()
@@ -423,7 +511,8 @@ FSDP_SCRIPT = textwrap.dedent('''
         fully_shard(unit)
     fully_shard(model)
     args = DeemTrainingArguments(output_dir=sys.argv[1], stage=1, learning_rate=1.0, use_cpu=True)
-    opt = torch.optim.SGD(build_param_groups(model, args), lr=args.learning_rate)  # SGD: Adam would amplify float noise in ~0 gradients
+    # SGD: Adam would amplify float noise in ~0 gradients
+    opt = torch.optim.SGD(build_param_groups(model, args), lr=args.learning_rate)
     data = SyntheticInterleavedDataset(model.config, num_samples=8, seed=0)
     collate = SyntheticCollator(model.config.pad_token_id)
     losses = []
@@ -439,9 +528,12 @@ FSDP_SCRIPT = textwrap.dedent('''
         torch.save({"units": len(units), "state": state}, sys.argv[1] + "/fsdp.pt")
     torch.save(losses, sys.argv[1] + f"/losses{rank}.pt")
     dist.destroy_process_group()
-''')
+""")
 
-FSDP_UNITS = "DeemDecoderLayer,DeemPerceiver,DeemUNetSideNetwork,CrossAttnDownBlock2D,DownBlock2D,UNetMidBlock2DCrossAttn,CrossAttnUpBlock2D,UpBlock2D"
+FSDP_UNITS = (
+    "DeemDecoderLayer,DeemPerceiver,DeemUNetSideNetwork,CrossAttnDownBlock2D,DownBlock2D,UNetMidBlock2DCrossAttn,"
+    "CrossAttnUpBlock2D,UpBlock2D"
+)
 
 
 @pytest.mark.slow
@@ -454,18 +546,35 @@ def test_fsdp2_cpu(tmp_path):
     (AcceleratorState maps a CPU run to MULTI_CPU and ignores the FSDP plugin, falling back to DDP)."""
     import yaml
 
-    wrap = yaml.safe_load((REPO / "trainers" / "accelerate" / "fsdp2.yaml").read_text())["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    wrap = yaml.safe_load((REPO / "trainers" / "accelerate" / "fsdp2.yaml").read_text())["fsdp_config"][
+        "fsdp_transformer_layer_cls_to_wrap"
+    ]
     assert wrap == FSDP_UNITS
     script = tmp_path / "fsdp_run.py"
     script.write_text(FSDP_SCRIPT)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path), FSDP_UNITS], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path),
+            FSDP_UNITS,
+        ],
+        cwd=tmp_path,
+    )
     result = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     assert result["units"] == 12
 
     torch.set_num_threads(1)
     model = tiny_model().set_training_stage(1).train()
     args = DeemTrainingArguments(output_dir=str(tmp_path / "ref"), stage=1, learning_rate=1.0, use_cpu=True)
-    opt = torch.optim.SGD(build_param_groups(model, args), lr=args.learning_rate)  # SGD: Adam would amplify float noise in ~0 gradients
+    opt = torch.optim.SGD(
+        build_param_groups(model, args), lr=args.learning_rate
+    )  # SGD: Adam would amplify float noise in ~0 gradients
     data = SyntheticInterleavedDataset(model.config, num_samples=8, seed=0)
     collate = SyntheticCollator(model.config.pad_token_id)
     for step in range(3):
@@ -503,11 +612,14 @@ def test_cli_tiny_stage3_and_dry_run(tmp_path, capsys):
         main(["--config", "stage1_7b", "--stage", "2", "--dry_run"])
 
 
-@pytest.mark.parametrize("name,stage,lr,betas,eps,batch,warmup,weights", [
-    ("stage1_7b", 1, 1e-4, (0.9, 0.995), 1e-6, 4, 1000, {"ntp": 1.0, "nip": 5.0, "csr": 5.0}),
-    ("stage2_7b", 2, 1e-5, (0.9, 0.999), 1e-8, 16, 500, {"ntp": 1.0, "nip": 0.0, "csr": 5.0}),
-    ("stage3_7b", 3, 1e-5, (0.9, 0.999), 1e-8, 2, 500, {"ntp": 1.0, "nip": 0.0, "csr": 0.0}),
-])
+@pytest.mark.parametrize(
+    "name,stage,lr,betas,eps,batch,warmup,weights",
+    [
+        ("stage1_7b", 1, 1e-4, (0.9, 0.995), 1e-6, 4, 1000, {"ntp": 1.0, "nip": 5.0, "csr": 5.0}),
+        ("stage2_7b", 2, 1e-5, (0.9, 0.999), 1e-8, 16, 500, {"ntp": 1.0, "nip": 0.0, "csr": 5.0}),
+        ("stage3_7b", 3, 1e-5, (0.9, 0.999), 1e-8, 2, 500, {"ntp": 1.0, "nip": 0.0, "csr": 0.0}),
+    ],
+)
 def test_7b_configs_follow_table_12(tmp_path, name, stage, lr, betas, eps, batch, warmup, weights):
     from deem.trainers.cli import load_config
 
@@ -518,15 +630,24 @@ def test_7b_configs_follow_table_12(tmp_path, name, stage, lr, betas, eps, batch
     training.update(output_dir=str(tmp_path), use_cpu=True, report_to="none", stage=stage)
     args = DeemTrainingArguments(**training)
     assert (args.learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon) == (lr, betas, eps)
-    assert (args.per_device_train_batch_size, args.max_steps, args.warmup_steps, args.weight_decay) == (batch, 10000, warmup, 0.05)
+    assert (args.per_device_train_batch_size, args.max_steps, args.warmup_steps, args.weight_decay) == (
+        batch,
+        10000,
+        warmup,
+        0.05,
+    )
     assert args.lr_scheduler_type == "cosine" and args.activation_checkpointing
     assert args.loss_weights == weights
     rates = args.group_learning_rates()
     if stage == 1:
-        assert (rates["image_encoder_trunk"], rates["sampling_offsets"], rates["cross_attn_gate"]) == pytest.approx((2e-5, 1e-5, 1e-4))
+        assert (rates["image_encoder_trunk"], rates["sampling_offsets"], rates["cross_attn_gate"]) == pytest.approx(
+            (2e-5, 1e-5, 1e-4)
+        )
     else:
         assert (rates["llm"], rates["cross_attn"], rates["default"]) == pytest.approx((1e-6, 5e-6, 1e-5))
-    assert cfg["data"]["sources"] and all(s["type"] in ("mmc4", "pairs", "llava", "referring") for s in cfg["data"]["sources"].values())
+    assert cfg["data"]["sources"] and all(
+        s["type"] in ("mmc4", "pairs", "llava", "referring") for s in cfg["data"]["sources"].values()
+    )
 
 
 def test_cli_stage2_llava_data(tmp_path):
@@ -544,27 +665,63 @@ def test_cli_stage2_llava_data(tmp_path):
     (tmp_path / "images").mkdir()
     rng = np.random.default_rng(0)
     records = []
-    for i, (q, a) in enumerate([("What is the man holding?", "a red bus"), ("Where is the red car parked?", "the river")] * 2):
+    for i, (q, a) in enumerate(
+        [("What is the man holding?", "a red bus"), ("Where is the red car parked?", "the river")] * 2
+    ):
         PIL.Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+            }
+        )
     (tmp_path / "llava.json").write_text(json.dumps(records))
     cfg = {
         "stage": 2,
         "model": {"path": str(tmp_path / "model")},
         "data": {
-            "sources": {"llava": {"type": "llava", "path": str(tmp_path / "llava.json"), "images": str(tmp_path / "images"), "kwargs": {"use_datasets": False}}},
+            "sources": {
+                "llava": {
+                    "type": "llava",
+                    "path": str(tmp_path / "llava.json"),
+                    "images": str(tmp_path / "images"),
+                    "kwargs": {"use_datasets": False},
+                }
+            },
             "collator": {"max_length": 256, "train_transforms": False},
         },
-        "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 2,
-                     "report_to": "none", "use_cpu": True, "disable_tqdm": True, "seed": 0},
+        "training": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "report_to": "none",
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "seed": 0,
+        },
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     main(["--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(out)])
     rows = [r for r in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in r]
     assert len(rows) == 4 and all({"loss_ntp", "loss_csr"} <= set(r) and "loss_nip" not in r for r in rows)
-    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir() and (out / "processor_config.json").exists()
+    assert (
+        (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir() and (out / "processor_config.json").exists()
+    )
     # more steps from the last checkpoint: the resumed run picks up at step 4
-    main(["--config", str(tmp_path / "cfg.yaml"), "--output_dir", str(out), "--resume_from_checkpoint", "--set", "training.max_steps=6"])
+    main(
+        [
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+            "--output_dir",
+            str(out),
+            "--resume_from_checkpoint",
+            "--set",
+            "training.max_steps=6",
+        ]
+    )
     steps = [r["step"] for r in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from test_data import image_bytes, mmc4_doc, write_coco, write_jsonl, write_pair_tars
 from test_trainer import _args, _first_last, _real_tokenizer_setup, _train_logs
 
@@ -30,7 +29,9 @@ def _stage1_data(tmp_path):
         for i, name in enumerate(names):
             (tmp_path / "mmc4_images" / name).write_bytes(image_bytes(40, 40, (40 * d, 100 + 50 * i, 30)))
         docs.append(mmc4_doc(4, [(names[0], 0, 0.3), (names[1], 2, 0.3)]))
-    mmc4 = read_mmc4(write_jsonl(tmp_path / "docs.jsonl", docs), tmp_path / "mmc4_images", single_image_drop_prob=0.0, seed=1)
+    mmc4 = read_mmc4(
+        write_jsonl(tmp_path / "docs.jsonl", docs), tmp_path / "mmc4_images", single_image_drop_prob=0.0, seed=1
+    )
     (tmp_path / "pairs").mkdir()
     pairs = read_pairs(write_pair_tars(tmp_path / "pairs", 2, 4), text_drop_prob=0.0, seed=2)
     return _materialise(MixedDataset({"mmc4": mmc4, "pairs": pairs}, seed=3, stopping="cycle"), 12)
@@ -41,10 +42,20 @@ def _stage2_data(tmp_path):
 
     (tmp_path / "llava_images").mkdir()
     records = []
-    qa = [("What is the man holding?", "A red cup."), ("Where is the car parked?", "On the street."), ("What color is the sky?", "Blue.")]
+    qa = [
+        ("What is the man holding?", "A red cup."),
+        ("Where is the car parked?", "On the street."),
+        ("What color is the sky?", "Blue."),
+    ]
     for i, (q, a) in enumerate(qa * 2):
         (tmp_path / "llava_images" / f"{i}.jpg").write_bytes(image_bytes(48, 40, (60 * i % 256, 90, 200)))
-        records.append({"id": str(i), "image": f"{i}.jpg", "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.jpg",
+                "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+            }
+        )
     (tmp_path / "llava.json").write_text(json.dumps(records))
     return list(read_llava(tmp_path / "llava.json", tmp_path / "llava_images", use_datasets=False))
 
@@ -98,9 +109,26 @@ def test_streaming_reader_under_two_processes_reads_each_sample_once(tmp_path):
     (tmp_path / "pairs").mkdir()
     shards = write_pair_tars(tmp_path / "pairs", 2, 4)
     here = Path(__file__).parent
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(here / "streaming_ranks_script.py"), str(tmp_path / "out"), *shards]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(here / "streaming_ranks_script.py"),
+        str(tmp_path / "out"),
+        *shards,
+    ]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = [json.loads((tmp_path / "out" / f"seen{r}.json").read_text()) for r in (0, 1)]

@@ -20,21 +20,41 @@ def fixture_a_config(**vision_overrides) -> DeemConfig:
     base = DeemConfig.tiny()
     return DeemConfig.tiny(
         vision_config=dict(
-            depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), embed_dim=48, image_size=64, grid_size=16, drop_path_rate=0.0,
+            depths=(1, 1, 2, 1),
+            dims=(16, 32, 48, 64),
+            embed_dim=48,
+            image_size=64,
+            grid_size=16,
+            drop_path_rate=0.0,
             **vision_overrides,
         ),
         perceiver_config=dict(
-            num_queries=8, hidden_size=32, encoder_hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, cross_attention_frequency=2, qk_normalization=True,
+            num_queries=8,
+            hidden_size=32,
+            encoder_hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            cross_attention_frequency=2,
+            qk_normalization=True,
         ),
         text_config=dict(base.text_config.to_dict(), hidden_size=48, intermediate_size=96),
         decoder_perceiver_config=dict(
-            num_queries=16, hidden_size=48, encoder_hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
-            intermediate_size=64, cross_attention_frequency=1, qk_normalization=False, hidden_dropout_prob=0.0,
+            num_queries=16,
+            hidden_size=48,
+            encoder_hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            cross_attention_frequency=1,
+            qk_normalization=False,
+            hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
         ),
         diffusion_config=dict(
-            base.diffusion_config.to_dict(), image_size=64, unet=dict(base.diffusion_config.unet, cross_attention_dim=48)
+            base.diffusion_config.to_dict(),
+            image_size=64,
+            unet=dict(base.diffusion_config.unet, cross_attention_dim=48),
         ),
         image_embed_dim=48,
         num_image_tokens=8,
@@ -71,7 +91,9 @@ def encoder_a(parity_a):
     model = DeemImageEncoder(fixture_a_config()).eval()
     converted, dropped = convert(state_dict, "visual_tokenizer.", rename_image_encoder_key)
     model.load_state_dict(converted, strict=True)
-    assert sorted(dropped) == sorted(k for k in state_dict if k.startswith("visual_tokenizer.sniffer.vision_model.visual.head.mlp."))
+    assert sorted(dropped) == sorted(
+        k for k in state_dict if k.startswith("visual_tokenizer.sniffer.vision_model.visual.head.mlp.")
+    )
     assert dropped
     return model
 
@@ -157,22 +179,45 @@ def test_rename_rules():
     assert rename_image_encoder_key("sniffer.vision_model.visual.head.mlp.fc2.weight") is None
     assert rename_image_encoder_key("proj_t.weight") == "proj_to_llm.weight"
     assert rename_image_encoder_key("proj_i.bias") == "proj_to_diffusion.bias"
-    assert rename_image_encoder_key("feature_extractor.mask_linear.layers.2.weight") == "region_extractor.mask_linear.layers.2.weight"
-    assert rename_image_encoder_key("feature_extractor.mask_feat_linear.bias") == "region_extractor.mask_feat_linear.bias"
+    assert (
+        rename_image_encoder_key("feature_extractor.mask_linear.layers.2.weight")
+        == "region_extractor.mask_linear.layers.2.weight"
+    )
+    assert (
+        rename_image_encoder_key("feature_extractor.mask_feat_linear.bias") == "region_extractor.mask_feat_linear.bias"
+    )
     assert rename_image_encoder_key("pos_embed") == "pos_embed"
     assert (
-        rename_image_encoder_key("perceiver_resampler.blip2qformer.encoder.layer.4.crossattention.attention.k_norm.weight")
+        rename_image_encoder_key(
+            "perceiver_resampler.blip2qformer.encoder.layer.4.crossattention.attention.k_norm.weight"
+        )
         == "perceiver.layers.4.cross_attention.k_norm.weight"
     )
     assert rename_perceiver_key("queries") == "queries"
     assert rename_perceiver_key("blip2qformer.layernorm.bias") == "input_layernorm.bias"
-    assert rename_perceiver_key("blip2qformer.encoder.layer.0.attention.output.LayerNorm.weight") == "layers.0.self_attention.layer_norm.weight"
-    assert rename_perceiver_key("blip2qformer.encoder.layer.11.intermediate_query.dense.bias") == "layers.11.mlp.fc1.bias"
-    assert rename_perceiver_key("blip2qformer.encoder.layer.3.output_query.LayerNorm.bias") == "layers.3.mlp.layer_norm.bias"
-    for bad in ("encoder.unet.conv_in.weight", "neg_prompt_embeds", "sniffer.vision_model.post_layernorm.weight", "pos_proj.gamma"):
+    assert (
+        rename_perceiver_key("blip2qformer.encoder.layer.0.attention.output.LayerNorm.weight")
+        == "layers.0.self_attention.layer_norm.weight"
+    )
+    assert (
+        rename_perceiver_key("blip2qformer.encoder.layer.11.intermediate_query.dense.bias") == "layers.11.mlp.fc1.bias"
+    )
+    assert (
+        rename_perceiver_key("blip2qformer.encoder.layer.3.output_query.LayerNorm.bias")
+        == "layers.3.mlp.layer_norm.bias"
+    )
+    for bad in (
+        "encoder.unet.conv_in.weight",
+        "neg_prompt_embeds",
+        "sniffer.vision_model.post_layernorm.weight",
+        "pos_proj.gamma",
+    ):
         with pytest.raises(KeyError):
             rename_image_encoder_key(bad)
-    for bad in ("blip2qformer.encoder.layer.0.intermediate.dense.weight", "blip2qformer.embeddings.word_embeddings.weight"):
+    for bad in (
+        "blip2qformer.encoder.layer.0.intermediate.dense.weight",
+        "blip2qformer.embeddings.word_embeddings.weight",
+    ):
         with pytest.raises(KeyError):
             rename_perceiver_key(bad)
 
@@ -181,10 +226,14 @@ def test_mask_align_keys_round_trip():
     """Every key of a mask_align encoder is reachable from an original-style name (the §7.4 inventory)."""
     model = DeemImageEncoder(fixture_a_config(mask_align=True, mask_size=8))
     originals = [
-        "feature_extractor.mask_linear.layers.0.weight", "feature_extractor.mask_linear.layers.0.bias",
-        "feature_extractor.mask_linear.layers.1.weight", "feature_extractor.mask_linear.layers.1.bias",
-        "feature_extractor.mask_linear.layers.2.weight", "feature_extractor.mask_linear.layers.2.bias",
-        "feature_extractor.mask_feat_linear.weight", "feature_extractor.mask_feat_linear.bias",
+        "feature_extractor.mask_linear.layers.0.weight",
+        "feature_extractor.mask_linear.layers.0.bias",
+        "feature_extractor.mask_linear.layers.1.weight",
+        "feature_extractor.mask_linear.layers.1.bias",
+        "feature_extractor.mask_linear.layers.2.weight",
+        "feature_extractor.mask_linear.layers.2.bias",
+        "feature_extractor.mask_feat_linear.weight",
+        "feature_extractor.mask_feat_linear.bias",
     ]
     ours = {k for k in model.state_dict() if k.startswith("region_extractor.")}
     assert {rename_image_encoder_key(k) for k in originals} == ours
@@ -230,11 +279,20 @@ def test_outputs_and_other_square_sizes(tiny_encoder):
         big = tiny_encoder(torch.rand(1, 3, 96, 96))
     assert out.llm_embeds.shape == (2, Q, config.text_config.hidden_size)
     assert out.perceiver_output.shape == (2, Q, config.perceiver_config.hidden_size)
-    assert [tuple(f.shape) for f in out.multiscale_features] == [(2, E, 16, 16), (2, E, 8, 8), (2, E, 4, 4), (2, E, 2, 2)]
+    assert [tuple(f.shape) for f in out.multiscale_features] == [
+        (2, E, 16, 16),
+        (2, E, 8, 8),
+        (2, E, 4, 4),
+        (2, E, 2, 2),
+    ]
     assert all(a is b for a, b in zip(out.region_features, out.multiscale_features))
     assert out.perceiver_input.shape == (2, 1 + 16, E)
     assert out.latent_mask is None
-    assert tiny_encoder.diffusion_condition(out.perceiver_output).shape == (2, Q, config.diffusion_config.unet["cross_attention_dim"])
+    assert tiny_encoder.diffusion_condition(out.perceiver_output).shape == (
+        2,
+        Q,
+        config.diffusion_config.unet["cross_attention_dim"],
+    )
     assert [tuple(f.shape[-2:]) for f in big.multiscale_features] == [(24, 24), (12, 12), (6, 6), (3, 3)]
     assert big.perceiver_input.shape == (1, 1 + 36, E)
 
@@ -275,7 +333,9 @@ def test_region_masking_semantics():
 
 def test_mask_align_tokens_shape_and_order():
     torch.manual_seed(0)
-    config = DeemConfig.tiny(vision_config=dict(DeemConfig.tiny().vision_config.to_dict(), mask_align=True, mask_size=8))
+    config = DeemConfig.tiny(
+        vision_config=dict(DeemConfig.tiny().vision_config.to_dict(), mask_align=True, mask_size=8)
+    )
     model = DeemImageEncoder(config).eval()
     pixels = torch.rand(2, 3, 64, 64)
     mask = torch.zeros(2, 1, 64, 64)
@@ -307,8 +367,14 @@ def test_mask_align_tokens_shape_and_order():
 def test_batched_perceiver_equals_per_sample(qk_norm):
     torch.manual_seed(0)
     config = DeemPerceiverConfig(
-        num_queries=5, hidden_size=16, encoder_hidden_size=12, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=32, cross_attention_frequency=2, qk_normalization=qk_norm,
+        num_queries=5,
+        hidden_size=16,
+        encoder_hidden_size=12,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=32,
+        cross_attention_frequency=2,
+        qk_normalization=qk_norm,
     )
     perceiver = DeemPerceiver(config).eval()
     states = torch.randn(3, 7, 12)
@@ -366,8 +432,15 @@ def test_train_mode_backward_checkpointing_and_bf16():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     grads = backward()
-    for name in ("backbone.trunk.stem.0.weight", "backbone.adapters.0.weight", "backbone.pooled_adapter.weight",
-                 "pos_proj.weight", "perceiver.queries", "proj_to_llm.weight", "proj_to_diffusion.weight"):
+    for name in (
+        "backbone.trunk.stem.0.weight",
+        "backbone.adapters.0.weight",
+        "backbone.pooled_adapter.weight",
+        "pos_proj.weight",
+        "perceiver.queries",
+        "proj_to_llm.weight",
+        "proj_to_diffusion.weight",
+    ):
         assert name in grads and grads[name].abs().sum() > 0, name
     # perceiver layers are GradientCheckpointingLayers (set up as PreTrainedModel.gradient_checkpointing_enable does)
     for layer in model.perceiver.layers:

@@ -14,7 +14,6 @@ import json
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer
 
-
 _SENTENCES = """\
 You are a helpful assistant.
 Based on the image, please answer the question.

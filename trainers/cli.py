@@ -35,7 +35,6 @@ import os
 import sys
 
 import yaml
-
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -208,7 +207,9 @@ def build_data(data_cfg: dict, processor, model_config, stage: int, seed: int):
         spec.pop("type")
         sft = spec.pop("sft", "auto")
         spec.pop("weight", None)
-        dataset = SyntheticInterleavedDataset(model_config, seed=int(spec.pop("seed", seed)), sft=(stage > 1) if sft == "auto" else bool(sft), **spec)
+        dataset = SyntheticInterleavedDataset(
+            model_config, seed=int(spec.pop("seed", seed)), sft=(stage > 1) if sft == "auto" else bool(sft), **spec
+        )
         return dataset, SyntheticCollator(model_config.pad_token_id)
     bad = {n: t for n, t in types.items() if t not in READERS}
     if bad:
@@ -281,22 +282,49 @@ def print_plan(trainer) -> None:
 
     args = trainer.args
     base = deem_base_model(trainer.model)
-    print(f"stage {args.stage}: loss = " + " + ".join(f"{w:g}·{k.upper()}" for k, w in args.loss_weights.items() if w > 0))
+    print(
+        f"stage {args.stage}: loss = " + " + ".join(f"{w:g}·{k.upper()}" for k, w in args.loss_weights.items() if w > 0)
+    )
     print(format_table(base.parameter_table(), "trainable parameters (current requires_grad)"))
     print("optimizer groups:")
     for row in describe_param_groups(build_param_groups(trainer.model, args)):
-        print(f"  {row['name']:<28} lr {row['lr']:<10.3g} weight decay {row['weight_decay']:<6g} {row['parameters']:>15,} parameters")
+        print(
+            f"  {row['name']:<28} lr {row['lr']:<10.3g} weight decay {row['weight_decay']:<6g} "
+            f"{row['parameters']:>15,} parameters"
+        )
     schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    print(f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), eps {args.adam_epsilon}; schedule {schedule}, warmup {args.warmup_steps}, max_steps {args.max_steps}")
+    print(
+        f"AdamW betas ({args.adam_beta1}, {args.adam_beta2}), eps {args.adam_epsilon}; schedule {schedule}, warmup "
+        f"{args.warmup_steps}, max_steps {args.max_steps}"
+    )
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m deem.trainers", description="Train one DEEM stage (see trainers/configs/).")
-    parser.add_argument("--config", required=True, help="YAML file, or a shipped config name: tiny, stage1_7b, stage2_7b, stage3_7b")
-    parser.add_argument("--stage", type=int, choices=[1, 2, 3], help="training stage (required unless the config names it)")
+    parser = argparse.ArgumentParser(
+        prog="python -m deem.trainers", description="Train one DEEM stage (see trainers/configs/)."
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML file, or a shipped config name: tiny, stage1_7b, stage2_7b, stage3_7b"
+    )
+    parser.add_argument(
+        "--stage", type=int, choices=[1, 2, 3], help="training stage (required unless the config names it)"
+    )
     parser.add_argument("--output_dir", help="shortcut for --set training.output_dir=...")
-    parser.add_argument("--resume_from_checkpoint", nargs="?", const=True, default=None, help="resume from PATH, or (no value) from the last complete checkpoint in output_dir")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="change a config entry, e.g. training.max_steps=5")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const=True,
+        default=None,
+        help="resume from PATH, or (no value) from the last complete checkpoint in output_dir",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a config entry, e.g. training.max_steps=5",
+    )
     parser.add_argument("--dry_run", action="store_true", help="build everything, print the plan, do not train")
     args = parser.parse_args(argv)
     logging.set_verbosity_info() if os.environ.get("DEEM_VERBOSE") else None

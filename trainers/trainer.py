@@ -69,14 +69,35 @@ OPTIMIZER_GROUPS = ("default",) + tuple(name for name, _ in OPTIMIZER_GROUP_PATT
 #: original's ``mmdecoder`` pattern matched nothing, bug B2), gates / offsets / cross-attention / trunk 5e-6,
 #: UNet 1e-5. LoRA adapters train at ``learning_rate``.
 STAGE_LR_SCALE = {
-    1: {"default": 1.0, "lora": 1.0, "cross_attn_gate": 1.0, "sampling_offsets": 0.1, "cross_attn": 1.0, "unet": 0.1, "image_encoder_trunk": 0.2, "llm": 1.0},
-    2: {"default": 1.0, "lora": 1.0, "cross_attn_gate": 0.5, "sampling_offsets": 0.5, "cross_attn": 0.5, "unet": 1.0, "image_encoder_trunk": 0.5, "llm": 0.1},
+    1: {
+        "default": 1.0,
+        "lora": 1.0,
+        "cross_attn_gate": 1.0,
+        "sampling_offsets": 0.1,
+        "cross_attn": 1.0,
+        "unet": 0.1,
+        "image_encoder_trunk": 0.2,
+        "llm": 1.0,
+    },
+    2: {
+        "default": 1.0,
+        "lora": 1.0,
+        "cross_attn_gate": 0.5,
+        "sampling_offsets": 0.5,
+        "cross_attn": 0.5,
+        "unet": 1.0,
+        "image_encoder_trunk": 0.5,
+        "llm": 0.1,
+    },
 }
 STAGE_LR_SCALE[3] = dict(STAGE_LR_SCALE[2])
 
 #: Groups whose weight decay is 0 whatever ``weight_decay`` is (§4.6: gates and offsets in every stage; the SFT
 #: configs' LLM group).
-STAGE_ZERO_DECAY_GROUPS = {1: {"cross_attn_gate", "sampling_offsets"}, 2: {"cross_attn_gate", "sampling_offsets", "llm"}}
+STAGE_ZERO_DECAY_GROUPS = {
+    1: {"cross_attn_gate", "sampling_offsets"},
+    2: {"cross_attn_gate", "sampling_offsets", "llm"},
+}
 STAGE_ZERO_DECAY_GROUPS[3] = set(STAGE_ZERO_DECAY_GROUPS[2])
 
 # parameters that never get weight decay, in any group: biases, norms, embedding tables and learned query/vector
@@ -85,11 +106,19 @@ _NO_DECAY_NAMES = re.compile(r"(?:^|\.)(?:soi_embedding|null_condition|queries|g
 
 
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or "norm" in type(module).__name__.lower()
+    return (
+        isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase))
+        or "norm" in type(module).__name__.lower()
+    )
 
 
 def _no_weight_decay(module: nn.Module, local_name: str, full_name: str) -> bool:
-    return local_name.endswith("bias") or _is_norm(module) or isinstance(module, nn.Embedding) or bool(_NO_DECAY_NAMES.search(full_name))
+    return (
+        local_name.endswith("bias")
+        or _is_norm(module)
+        or isinstance(module, nn.Embedding)
+        or bool(_NO_DECAY_NAMES.search(full_name))
+    )
 
 
 def optimizer_group_of(name: str) -> str:
@@ -107,24 +136,52 @@ def optimizer_group_of(name: str) -> str:
 class DeemArgumentsMixin:
     """DEEM fields shared by [`DeemTrainingArguments`] and [`DeemSFTConfig`]. ``None`` = the stage's default."""
 
-    stage: int = field(default=1, metadata={"help": "Training stage: 1 alignment pre-training, 2 image-text SFT, 3 mask-text SFT."})
+    stage: int = field(
+        default=1, metadata={"help": "Training stage: 1 alignment pre-training, 2 image-text SFT, 3 mask-text SFT."}
+    )
     loss_ntp_weight: float = field(default=1.0, metadata={"help": "Weight of the next-token loss."})
-    loss_nip_weight: float | None = field(default=None, metadata={"help": "λ of the next-image loss (default 5 in stage 1, 0 = off in stages 2-3)."})
-    loss_csr_weight: float | None = field(default=None, metadata={"help": "λ of the consistency loss (default 5 in stages 1-2, 0 = off in stage 3)."})
-    learning_rate: float | None = field(default=None, metadata={"help": "Default-group learning rate (1e-4 in stage 1, 1e-5 later); other groups scale with it."})
+    loss_nip_weight: float | None = field(
+        default=None, metadata={"help": "λ of the next-image loss (default 5 in stage 1, 0 = off in stages 2-3)."}
+    )
+    loss_csr_weight: float | None = field(
+        default=None, metadata={"help": "λ of the consistency loss (default 5 in stages 1-2, 0 = off in stage 3)."}
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Default-group learning rate (1e-4 in stage 1, 1e-5 later); other groups scale with it."},
+    )
     adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2 (0.995 in stage 1, 0.999 later)."})
     adam_epsilon: float | None = field(default=None, metadata={"help": "AdamW epsilon (1e-6 in stage 1, 1e-8 later)."})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (never on biases, norms, embeddings, gates)."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (cosine in every stage)."})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "AdamW weight decay (never on biases, norms, embeddings, gates)."}
+    )
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule (cosine in every stage)."}
+    )
     param_group_lr: dict | str | None = field(
         default=None,
-        metadata={"help": "Absolute learning rates for optimizer groups, overriding the stage scales, e.g. '{\"llm\": 2e-6}'. Groups: " + ", ".join(OPTIMIZER_GROUPS)},
+        metadata={
+            "help": "Absolute learning rates for optimizer groups, overriding the stage scales, "
+            "e.g. '{\"llm\": 2e-6}'. Groups: " + ", ".join(OPTIMIZER_GROUPS)
+        },
     )
-    freeze_by_stage: bool = field(default=True, metadata={"help": "Call model.set_training_stage(stage) (not for PEFT models, whose adapters decide)."})
-    seed_diffusion_per_step: bool = field(default=True, metadata={"help": "Pass the model a generator seeded from (seed, micro-batch index) for the diffusion draws."})
-    atomic_checkpoints: bool = field(default=True, metadata={"help": "Write checkpoint-N in a staging folder and rename it when complete."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column: DEEM collators read raw columns."})
-    ddp_find_unused_parameters: bool | None = field(default=None, metadata={"help": "Default True: NIP / CSR branches can skip per batch."})
+    freeze_by_stage: bool = field(
+        default=True,
+        metadata={"help": "Call model.set_training_stage(stage) (not for PEFT models, whose adapters decide)."},
+    )
+    seed_diffusion_per_step: bool = field(
+        default=True,
+        metadata={"help": "Pass the model a generator seeded from (seed, micro-batch index) for the diffusion draws."},
+    )
+    atomic_checkpoints: bool = field(
+        default=True, metadata={"help": "Write checkpoint-N in a staging folder and rename it when complete."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every column: DEEM collators read raw columns."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=None, metadata={"help": "Default True: NIP / CSR branches can skip per batch."}
+    )
 
     def _resolve_deem_defaults(self):
         if self.stage not in STAGES:
@@ -141,14 +198,20 @@ class DeemArgumentsMixin:
             self.param_group_lr = json.loads(self.param_group_lr) if self.param_group_lr.strip() else None
         unknown = set(self.param_group_lr or {}) - set(OPTIMIZER_GROUPS)
         if unknown:
-            raise ValueError(f"param_group_lr names unknown optimizer groups {sorted(unknown)}; groups are {list(OPTIMIZER_GROUPS)}")
+            raise ValueError(
+                f"param_group_lr names unknown optimizer groups {sorted(unknown)}; groups are {list(OPTIMIZER_GROUPS)}"
+            )
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
 
     @property
     def loss_weights(self) -> dict[str, float]:
         """The per-call loss weights given to the model: ``{"ntp", "nip", "csr"}``."""
-        return {"ntp": float(self.loss_ntp_weight), "nip": float(self.loss_nip_weight), "csr": float(self.loss_csr_weight)}
+        return {
+            "ntp": float(self.loss_ntp_weight),
+            "nip": float(self.loss_nip_weight),
+            "csr": float(self.loss_csr_weight),
+        }
 
     def group_learning_rates(self) -> dict[str, float]:
         """Absolute learning rate of every optimizer group for this stage (overrides applied)."""
@@ -224,19 +287,27 @@ def build_param_groups(model: nn.Module, args: DeemArgumentsMixin) -> list[dict]
         for decay in (True, False):
             params = buckets.get((group, decay))
             if params:
-                groups.append({
-                    "params": params,
-                    "lr": rates[group],
-                    "weight_decay": args.weight_decay if decay else 0.0,
-                    "name": group if decay else f"{group}/no_decay",
-                })
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": rates[group],
+                        "weight_decay": args.weight_decay if decay else 0.0,
+                        "name": group if decay else f"{group}/no_decay",
+                    }
+                )
     return groups
 
 
 def describe_param_groups(groups: list[dict]) -> list[dict]:
     """Rows ``{name, lr, weight_decay, tensors, parameters}`` of optimizer param groups (for logs and reports)."""
     return [
-        {"name": g.get("name", str(i)), "lr": g["lr"], "weight_decay": g["weight_decay"], "tensors": len(g["params"]), "parameters": sum(p.numel() for p in g["params"])}
+        {
+            "name": g.get("name", str(i)),
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+            "tensors": len(g["params"]),
+            "parameters": sum(p.numel() for p in g["params"]),
+        }
         for i, g in enumerate(groups)
     ]
 
@@ -254,7 +325,12 @@ def _target_count(batch: dict, config, device=None) -> torch.Tensor:
 
 
 def _seed_for(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)])
+        .generate_state(2, dtype=np.uint32)
+        .view(np.uint64)[0]
+        >> 1
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ trainer
@@ -319,7 +395,14 @@ class DeemTrainerMixin:
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
         )
-        return prepare_data_loader(loader, device=self.accelerator.device, num_processes=1, process_index=0, put_on_device=True, dispatch_batches=False)
+        return prepare_data_loader(
+            loader,
+            device=self.accelerator.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=True,
+            dispatch_batches=False,
+        )
 
     def create_optimizer(self, model=None):
         """AdamW (or ``args.optim``) over [`build_param_groups`]: per-group learning rates and weight decay."""
@@ -332,10 +415,16 @@ class DeemTrainerMixin:
                 optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             for key in ("params", "model", "optimizer_dict"):
                 if key in optimizer_kwargs:
-                    raise ValueError(f"optim={self.args.optim!r} builds its own parameter list ({key}); DeemTrainer needs per-group optimizers such as adamw_torch")
+                    raise ValueError(
+                        f"optim={self.args.optim!r} builds its own parameter list ({key}); DeemTrainer needs per-group "
+                        "optimizers such as adamw_torch"
+                    )
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
             for row in describe_param_groups(groups):
-                logger.info(f"optimizer group {row['name']}: lr {row['lr']:.3g}, weight decay {row['weight_decay']:g}, {row['parameters']:,} parameters")
+                logger.info(
+                    f"optimizer group {row['name']}: lr {row['lr']:.3g}, weight decay {row['weight_decay']:g}, "
+                    f"{row['parameters']:,} parameters"
+                )
         return self.optimizer
 
     # ------------------------------------------------------------------ loss
@@ -366,7 +455,9 @@ class DeemTrainerMixin:
         step = self.state.global_step
         if step != self._gen_step:
             self._gen_step, self._gen_micro = step, 0
-        index = (step * self.args.gradient_accumulation_steps + self._gen_micro) * self.args.world_size + self.args.process_index
+        index = (
+            step * self.args.gradient_accumulation_steps + self._gen_micro
+        ) * self.args.world_size + self.args.process_index
         self._gen_micro += 1
         generator = torch.Generator(device=device)
         generator.manual_seed(_seed_for(self.args.seed, index))
@@ -381,7 +472,9 @@ class DeemTrainerMixin:
             generator = self._diffusion_generator(device)
         else:
             if self._eval_generator is None:
-                self._eval_generator = torch.Generator(device=device).manual_seed(_seed_for(self.args.seed, -1 & 0xFFFFFFFF))
+                self._eval_generator = torch.Generator(device=device).manual_seed(
+                    _seed_for(self.args.seed, -1 & 0xFFFFFFFF)
+                )
             generator = self._eval_generator
             num_items_in_batch = None
         outputs = model(
@@ -390,7 +483,9 @@ class DeemTrainerMixin:
             loss_nip_weight=w["nip"],
             loss_csr_weight=w["csr"],
             generator=generator,
-            num_items_in_batch=num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else num_items_in_batch,
+            num_items_in_batch=num_items_in_batch.clamp(min=1)
+            if torch.is_tensor(num_items_in_batch)
+            else num_items_in_batch,
             return_loss=True,
         )
         if not training:
@@ -401,7 +496,11 @@ class DeemTrainerMixin:
         ntp = outputs.loss_ntp
         if ntp is not None:
             if num_items_in_batch is not None:
-                scale = self.accelerator.num_processes if (self.args.average_tokens_across_devices and self.args.world_size > 1) else 1
+                scale = (
+                    self.accelerator.num_processes
+                    if (self.args.average_tokens_across_devices and self.args.world_size > 1)
+                    else 1
+                )
                 ntp = ntp * scale
             else:
                 ntp = ntp / accumulation
@@ -493,8 +592,12 @@ class DeemTrainerMixin:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if self.state.best_model_checkpoint and os.path.dirname(os.path.abspath(self.state.best_model_checkpoint)) == os.path.abspath(staging_root):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
+            if self.state.best_model_checkpoint and os.path.dirname(
+                os.path.abspath(self.state.best_model_checkpoint)
+            ) == os.path.abspath(staging_root):
+                self.state.best_model_checkpoint = os.path.join(
+                    run_dir, os.path.basename(self.state.best_model_checkpoint)
+                )
             if os.path.isdir(final):  # same step saved before (e.g. a resumed run re-saving): replace it
                 old = final + ".old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -505,7 +608,12 @@ class DeemTrainerMixin:
                 os.replace(staged, final)
             _fsync_dir(run_dir)
             shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
         self.accelerator.wait_for_everyone()
 
 
@@ -595,7 +703,16 @@ def _sft_classes() -> dict:
         (``fused_lm_head`` is never passed).
         """
 
-        def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
+        def __init__(
+            self,
+            model=None,
+            args=None,
+            data_collator=None,
+            train_dataset=None,
+            eval_dataset=None,
+            processing_class=None,
+            **kwargs,
+        ):
             if args is None:
                 args = DeemSFTConfig(output_dir="deem_sft_output")
             if not isinstance(args, DeemArgumentsMixin):
@@ -615,15 +732,33 @@ def _sft_classes() -> dict:
             if kwargs.get("peft_config") is None:
                 self._apply_stage(model, args)
             args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-            super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                **kwargs,
+            )
             self._deem_setup(self.model)
 
         def _set_signature_columns_if_needed(self):
             if self._signature_columns is None:
-                self._signature_columns = ["messages", "images", "image", "segments", "image_masks", "input_ids", "labels"]
+                self._signature_columns = [
+                    "messages",
+                    "images",
+                    "image",
+                    "segments",
+                    "image_masks",
+                    "input_ids",
+                    "labels",
+                ]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = DeemTrainerMixin.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = DeemTrainerMixin.compute_loss(
+                self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             mode = "train" if model.training else "eval"
             labels = inputs.get("labels")
             if labels is not None and outputs.logits is not None:
@@ -681,11 +816,23 @@ def deem_lora_config(targets=("llm",), r: int = 16, lora_alpha: int = 32, lora_d
     they are saved with the adapter."""
     from peft import LoraConfig
 
-    return LoraConfig(target_modules=lora_target_modules(targets), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs)
+    return LoraConfig(
+        target_modules=lora_target_modules(targets), r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs
+    )
 
 
 #: Modules kept in full precision by the QLoRA recipe: everything except the LLaMA decoder's own Linear layers.
-QLORA_SKIP_MODULES = ["image_encoder", "lm_head", "soi_embedding", "context_proj", "decoder_perceiver", "unet", "vae", "unet_side", r"language_model\.layers\.\d+\.cross_attn"]
+QLORA_SKIP_MODULES = [
+    "image_encoder",
+    "lm_head",
+    "soi_embedding",
+    "context_proj",
+    "decoder_perceiver",
+    "unet",
+    "vae",
+    "unet_side",
+    r"language_model\.layers\.\d+\.cross_attn",
+]
 
 
 def qlora_quantization_config(compute_dtype=torch.bfloat16):
@@ -721,7 +868,13 @@ def load_for_qlora(path, compute_dtype=torch.bfloat16, gradient_checkpointing: b
 
     from deem import DeemForInterleavedGeneration
 
-    model = DeemForInterleavedGeneration.from_pretrained(path, quantization_config=qlora_quantization_config(compute_dtype), dtype=compute_dtype, device_map={"": 0}, **kwargs)
+    model = DeemForInterleavedGeneration.from_pretrained(
+        path,
+        quantization_config=qlora_quantization_config(compute_dtype),
+        dtype=compute_dtype,
+        device_map={"": 0},
+        **kwargs,
+    )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
@@ -772,7 +925,12 @@ class DeemConversationCollator:
 
     def _ids(self, text: str, n_images: int) -> list[int]:
         # images only matter for the placeholder expansion; encode with dummy images to count tokens exactly
-        out = self.processor(text=text, images=[np.zeros((2, 2, 3), dtype=np.uint8)] * n_images if n_images else None, return_tensors=None, padding=False)
+        out = self.processor(
+            text=text,
+            images=[np.zeros((2, 2, 3), dtype=np.uint8)] * n_images if n_images else None,
+            return_tensors=None,
+            padding=False,
+        )
         return list(out["input_ids"][0])
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
@@ -786,8 +944,8 @@ class DeemConversationCollator:
             for k, message in enumerate(messages):
                 if message["role"] != "assistant":
                     continue
-                n_img = _count_images(messages[:k + 1], self.processor.image_marker)
-                turn_ids = self._ids(self._render(messages[:k + 1]), n_img)
+                n_img = _count_images(messages[: k + 1], self.processor.image_marker)
+                turn_ids = self._ids(self._render(messages[: k + 1]), n_img)
                 prompt_ids = self._ids(self._render(messages[:k], add_generation_prompt=True), n_img)
                 start = _common_prefix(prompt_ids, turn_ids)
                 for pos in range(start, min(len(turn_ids), len(full_ids))):
@@ -796,7 +954,14 @@ class DeemConversationCollator:
             images.append(list(row_images))
             labels_rows.append(labels)
         flat_images = [img for row in images for img in row]
-        enc = self.processor(text=texts, images=flat_images or None, padding=True, padding_side="right", max_length=self.max_length, truncation=self.max_length is not None)
+        enc = self.processor(
+            text=texts,
+            images=flat_images or None,
+            padding=True,
+            padding_side="right",
+            max_length=self.max_length,
+            truncation=self.max_length is not None,
+        )
         length = enc["input_ids"].shape[1]
         labels = torch.full((len(texts), length), -100, dtype=torch.long)
         for i, row in enumerate(labels_rows):
@@ -815,7 +980,9 @@ def _count_images(messages, marker: str) -> int:
         if isinstance(content, str):
             n += content.count(marker)
         else:
-            n += sum(1 for item in content if item.get("type") == "image") + sum(item.get("text", "").count(marker) for item in content if item.get("type") == "text")
+            n += sum(1 for item in content if item.get("type") == "image") + sum(
+                item.get("text", "").count(marker) for item in content if item.get("type") == "text"
+            )
     return n
 
 
@@ -841,7 +1008,15 @@ class SyntheticInterleavedDataset(torch.utils.data.Dataset):
     answer and ``</s>`` (stage 2-3 style).
     """
 
-    def __init__(self, config, num_samples: int = 32, seed: int = 0, max_images: int = 2, text_length: tuple[int, int] = (3, 8), sft: bool = False):
+    def __init__(
+        self,
+        config,
+        num_samples: int = 32,
+        seed: int = 0,
+        max_images: int = 2,
+        text_length: tuple[int, int] = (3, 8),
+        sft: bool = False,
+    ):
         self.config = config
         self.num_samples = int(num_samples)
         self.seed = int(seed)
@@ -850,7 +1025,15 @@ class SyntheticInterleavedDataset(torch.utils.data.Dataset):
         self.sft = sft
         g = torch.Generator().manual_seed(self.seed)
         lo, hi = 3, max(4, config.original_vocab_size - 2)
-        self.phrases = [torch.randint(lo, hi, (int(torch.randint(self.text_length[0], self.text_length[1] + 1, (1,), generator=g)),), generator=g).tolist() for _ in range(8)]
+        self.phrases = [
+            torch.randint(
+                lo,
+                hi,
+                (int(torch.randint(self.text_length[0], self.text_length[1] + 1, (1,), generator=g)),),
+                generator=g,
+            ).tolist()
+            for _ in range(8)
+        ]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -908,8 +1091,8 @@ class SyntheticCollator:
 __all__ = [
     "DeemArgumentsMixin",
     "DeemConversationCollator",
-    "DeemSFTConfig",
-    "DeemSFTTrainer",
+    "DeemSFTConfig",  # noqa: F822
+    "DeemSFTTrainer",  # noqa: F822
     "DeemTrainer",
     "DeemTrainerMixin",
     "DeemTrainingArguments",

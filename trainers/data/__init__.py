@@ -68,7 +68,6 @@ from .pairs import PairsDataset, read_pairs, webdataset_key
 from .referring import ReferringDataset, conversation_segments, default_referring_turns, read_referring
 from .sources import MapSource, SampleList, StreamingSource, StreamingView
 
-
 __all__ = [
     "DEFAULT_WEIGHTS",
     "MAX_IMAGES_PER_ROW",

@@ -33,7 +33,6 @@ import torch
 
 from ...modeling.prompts import IMAGE_MARKER
 
-
 logger = logging.getLogger("deem.trainers.data")
 
 ON_ERROR = ("skip", "raise")

@@ -10,7 +10,6 @@ import PIL.Image
 
 from ._common import BadSample, decode_image, expand_paths, read_file_bytes
 
-
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 

@@ -28,7 +28,6 @@ from ._common import BadSample
 from .images import ImageStore
 from .sources import MapSource
 
-
 logger = logging.getLogger("deem.trainers.data")
 MULTI_TURN = ("split", "keep")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -86,11 +85,15 @@ class LlavaDataset(MapSource):
         self.records = _load_records(json_path, use_datasets, cache_dir)
         self.store = images if isinstance(images, ImageStore) else ImageStore(images)
         columns = (
-            (self.records["image"] if "image" in self.records.column_names else [None] * len(self.records),
-             self.records["conversations"])
+            (
+                self.records["image"] if "image" in self.records.column_names else [None] * len(self.records),
+                self.records["conversations"],
+            )
             if not isinstance(self.records, list)
-            else ([r.get("image") if isinstance(r, dict) else None for r in self.records],
-                  [r.get("conversations") if isinstance(r, dict) else None for r in self.records])
+            else (
+                [r.get("image") if isinstance(r, dict) else None for r in self.records],
+                [r.get("conversations") if isinstance(r, dict) else None for r in self.records],
+            )
         )
         record_idx, turn_idx = [], []
         for i, (image, conversations) in enumerate(zip(*columns)):

@@ -9,7 +9,6 @@ from torch.utils.data import IterableDataset
 
 from ._common import ErrorPolicy, make_rng, shard_slot
 
-
 DEFAULT_WEIGHTS = {"mmc4": 2.0, "pairs": 1.0, "laion": 1.0, "blip": 1.0}
 STOPPING = ("longest", "shortest", "cycle")
 

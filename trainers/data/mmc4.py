@@ -28,7 +28,6 @@ from ._common import BadSample, expand_paths, make_sample
 from .images import ImageStore
 from .sources import StreamingSource
 
-
 MMC4_SIM_THRESHOLD = 0.24
 MMC4_MAX_IMAGES = 6
 

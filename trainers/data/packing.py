@@ -33,7 +33,6 @@ from torch.utils.data import IterableDataset
 from ...modeling.prompts import IMAGE_MARKER
 from ._common import BadSample, ErrorPolicy, sample_text, tokenize_text, validate_sample
 
-
 BOS_TEXT = "<s>"
 MAX_IMAGES_PER_ROW = 15  # the original's max_num_images_per_seq; the model needs < cross_attention max_num_images
 
@@ -153,8 +152,10 @@ class SamplePacker(ErrorPolicy):
                 continue
             whole = 1 + sum(a["length"] for a in atoms)
             doc = {"length": whole, "images": [i for a in atoms for i in a["images"]]}
-            if not self.split_to_fill and whole <= self.max_length and (
-                self.max_images is None or len(doc["images"]) <= self.max_images
+            if (
+                not self.split_to_fill
+                and whole <= self.max_length
+                and (self.max_images is None or len(doc["images"]) <= self.max_images)
             ):
                 if not self._fits(row, {"length": whole - 1, "images": doc["images"]}, True):
                     out = self._close(row)

@@ -25,7 +25,6 @@ from ._common import BadSample, decode_image, expand_paths, make_sample
 from .images import IMAGE_EXTENSIONS, ImageStore
 from .sources import StreamingSource
 
-
 IMAGE_KEYS = ("image", "file_name", "image_path", "path")
 CAPTION_KEYS = ("caption", "text")
 

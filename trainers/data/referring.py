@@ -32,7 +32,6 @@ from .images import ImageStore
 from .masks import MaskError, segmentation_to_mask
 from .sources import MapSource
 
-
 MAX_REGIONS = 15
 
 

@@ -36,7 +36,6 @@ from ._common import (
     validate_sample,
 )
 
-
 SPLITS = ("auto", "shard", "record")
 
 
