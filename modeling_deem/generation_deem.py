@@ -555,10 +555,9 @@ class DeemGenerationMixin(GenerationMixin):
             keep = (mask[b, start:] == 1).nonzero().squeeze(1) + start  # skip padding from other rows' images
             n = keep.shape[0]
             zero = torch.zeros(1, dtype=torch.long, device=device)
-            ctx, ctx_mask = self.image_decoder.context_features(
-                hidden[b, keep][None], zero, torch.tensor([n - 1], device=device), zero
+            conds.append(
+                self.image_decoder.condition(hidden[b, keep][None], zero, torch.tensor([n - 1], device=device), zero)
             )
-            conds.append(self.image_decoder.decoder_perceiver(ctx, ctx_mask))
             previous = [maps for first, maps in memory[b] if first > start]
             if previous:
                 sides.append(previous[-1])

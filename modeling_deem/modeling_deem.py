@@ -307,7 +307,7 @@ def _as_dtype(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return pixels.to(dtype) if pixels.is_floating_point() else pixels
 
 
-def is_tracing(tensor: torch.Tensor | None = None) -> bool:
+def is_tracing() -> bool:
     """Under ``torch.compile`` / ``torch.export`` the data-dependent input checks are skipped (they run eagerly)."""
     return torch.compiler.is_compiling()
 
@@ -663,7 +663,8 @@ class DeemModel(DeemPreTrainedModel):
             )
         past_len = cache.get_seq_length() if cache is not None else 0
         runs = per_row = None
-        if input_ids is not None and not is_tracing(input_ids):
+        # the input checks are data-dependent: under compile/export they are skipped for the text path only
+        if input_ids is not None and (pixel_values is not None or image_embeds is not None or not is_tracing()):
             runs, per_row = check_sequence_inputs(
                 cfg,
                 input_ids,
@@ -674,7 +675,7 @@ class DeemModel(DeemPreTrainedModel):
                 past_len,
                 images_encoded=pixel_values is None and (vision_states is not None or image_embeds is not None),
             )
-        elif pixel_values is not None:
+        elif input_ids is None and pixel_values is not None:
             raise ValueError("pixel_values need input_ids (the placeholders say where the images go)")
 
         enc = None
@@ -922,11 +923,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             **kwargs,
         )
         hidden = outputs.last_hidden_state
-        keep = (
-            slice(-logits_to_keep, None)
-            if isinstance(logits_to_keep, int) and logits_to_keep
-            else (logits_to_keep if not isinstance(logits_to_keep, int) else slice(None))
-        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep  # 0: all
         logits = self.lm_head(hidden[:, keep])
 
         loss_ntp = loss_nip = loss_csr = None

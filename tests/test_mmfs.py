@@ -5,7 +5,6 @@ Parity tests reproduce fixture A (original implementation outputs) from the conv
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,11 +32,6 @@ from deem.modeling.mmfs import (
     relative_image_index,
     unet_forward_with_side,
     unet_skip_layout,
-)
-
-FIXTURE = Path("/work/shared/fixtures/parity_a")
-needs_fixture = pytest.mark.skipif(
-    not (FIXTURE / "original_state_dict.safetensors").exists(), reason="fixture A not available"
 )
 
 
@@ -571,12 +565,13 @@ def test_key_renames():
 
 
 @pytest.fixture(scope="module")
-def fixture_a():
+def fixture_a(parity_a_dir):
+    """Fixture A from conftest (``../shared/fixtures`` or ``DEEM_FIXTURES``); a missing fixture fails, never skips."""
     return (
-        json.loads((FIXTURE / "configs.json").read_text()),
-        load_file(str(FIXTURE / "original_state_dict.safetensors")),
-        load_file(str(FIXTURE / "intermediates.safetensors")),
-        load_file(str(FIXTURE / "inputs.safetensors")),
+        json.loads((parity_a_dir / "configs.json").read_text()),
+        load_file(str(parity_a_dir / "original_state_dict.safetensors")),
+        load_file(str(parity_a_dir / "intermediates.safetensors")),
+        load_file(str(parity_a_dir / "inputs.safetensors")),
     )
 
 
@@ -584,7 +579,6 @@ def _diffusers_config(cfg):
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-@needs_fixture
 def test_fixture_unet_and_side_network_parity(fixture_a):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -641,7 +635,6 @@ def test_fixture_unet_and_side_network_parity(fixture_a):
     assert (inter["unet_probe.pred_decoder_cond"] - inter["unet_probe.pred_decoder_cond_no_mmfs"]).abs().max() > 1e-2
 
 
-@needs_fixture
 def test_fixture_llm_cross_attention_parity(fixture_a):
     """Layer 0 of the fixture LLM (self-attention, gated MMFS cross-attention, MLP) reproduces its recorded output."""
     from transformers import LlamaConfig

@@ -346,7 +346,7 @@ def test_draw_mode_resolves_the_generation_config_and_its_processors(model):
     )
     assert stopped.sequences.shape[1] == ids.shape[1] + 2
     # a processor from the config: repetition_penalty changes the scores like the library's processor does
-    plain = model.generate(
+    two = dict(
         input_ids=ids,
         soi="draw",
         max_new_tokens=2,
@@ -355,16 +355,8 @@ def test_draw_mode_resolves_the_generation_config_and_its_processors(model):
         output_logits=True,
         max_new_images=0,
     )
-    penal = model.generate(
-        input_ids=ids,
-        soi="draw",
-        max_new_tokens=2,
-        eos_token_id=-5,
-        output_scores=True,
-        output_logits=True,
-        max_new_images=0,
-        repetition_penalty=5.0,
-    )
+    plain = model.generate(**two)
+    penal = model.generate(**two, repetition_penalty=5.0)
     torch.testing.assert_close(plain.logits[0], penal.logits[0])
     assert not torch.allclose(plain.scores[0], penal.scores[0])
     # num_return_sequences repeats each row
