@@ -119,7 +119,9 @@ class DeemPerceiverConfig(PretrainedConfig):
 class DeemDecoderPerceiverConfig(DeemPerceiverConfig):
     r"""The image decoder's resampler (§2.8): reads the LLM context (``encoder_hidden_size`` = the LLM width) into
     ``num_queries`` tokens of the UNet's cross-attention width. Its own sub-config, so it saves and loads on its
-    own with these defaults (the 7B model's)."""
+    own with these defaults (the 7B model's). ``null_condition``: whether it holds the learned null condition
+    [1, Q, hidden_size] of classifier-free guidance (set by [`DeemConfig`]: exactly when there is a diffusion
+    decoder)."""
 
     model_type = "deem_decoder_perceiver"
     base_config_key = "decoder_perceiver_config"
@@ -134,6 +136,7 @@ class DeemDecoderPerceiverConfig(DeemPerceiverConfig):
     qk_normalization: bool = False
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
+    null_condition: bool = True
 
 
 class DeemCrossAttentionConfig(PretrainedConfig):
@@ -267,6 +270,7 @@ class DeemConfig(PretrainedConfig):
         if not self.use_diffusion:
             self.diffusion_config = None
         super().__post_init__(**kwargs)
+        self.decoder_perceiver_config.null_condition = self.diffusion_config is not None
         if self.cross_attention_config.spatial_shapes is None:
             side = self.vision_config.image_size
             self.cross_attention_config.spatial_shapes = [

@@ -9,11 +9,112 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
 
-from .configuration_deem import DeemConfig
+from .configuration_deem import DeemConfig, DeemDecoderPerceiverConfig
 from .mmfs import DeemUNetSideNetwork, unet_forward_with_side
 from .pos_embed import sincos_1d
-from .vision import DeemPerceiver
+from .vision import DeemPerceiverBody
+
+
+def initialize_unless_loaded(model: PreTrainedModel, module: nn.Module) -> None:
+    """transformers' per-module init step, but a module counts as initialised only when all of its (recursive)
+    tensors were loaded: the library's custom-code shortcut treats a module without direct parameters as
+    initialised, which would skip modules whose ``_init_weights`` branch sets their children."""
+    if getattr(module, "_is_hf_initialized", False):
+        return
+    tensors = [*module.parameters(), *(b for b in module.buffers() if b is not None)]
+    if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
+        module._is_hf_initialized = True
+        return
+    model._init_weights(module)
+    module._is_hf_initialized = True
+
+
+class DeemDecoderPerceiver(DeemPerceiverBody, PreTrainedModel):
+    """The image decoder's resampler (§2.8): ``num_queries`` queries read the reversed LLM context into the UNet
+    condition [N,Q,C], and, with ``config.null_condition``, the learned null condition [1,Q,C] that replaces the
+    condition for classifier-free guidance (CFG dropout in training, the negative branch in sampling).
+
+    A model of its own (its sub-config, ``save_pretrained`` / ``from_pretrained``) so that the diffusers
+    [`DeemImagePipeline`] can hold, save and load it as a component; inside DEEM it is
+    ``model.image_decoder.decoder_perceiver``, sharing the top config's ``decoder_perceiver_config``."""
+
+    config: DeemDecoderPerceiverConfig
+    config_class = DeemDecoderPerceiverConfig
+    base_model_prefix = "decoder_perceiver"
+    main_input_name = "encoder_hidden_states"
+    input_modalities = ("text",)
+    _no_split_modules = ["DeemPerceiverLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = False
+
+    def __init__(self, config: DeemDecoderPerceiverConfig):
+        super().__init__(config)
+        self._build_perceiver(config)
+        if config.null_condition:
+            self.null_condition = nn.Parameter(torch.zeros(1, config.num_queries, config.hidden_size))
+        else:
+            self.null_condition = None
+        self.reset_parameters()
+        self.post_init()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.null_condition is not None:
+            init.normal_(self.null_condition, mean=0.0, std=self.config.initializer_range)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        initialize_unless_loaded(self, module)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if module is self:
+            init.normal_(self.queries, mean=0.0, std=std)
+            if self.null_condition is not None:
+                init.normal_(self.null_condition, mean=0.0, std=std)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def forward(
+        self,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        null_condition_mask: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
+        """Context [N,S,H] (+ [N,S] mask, 1 = attend) -> condition [N,Q,C]; rows where ``null_condition_mask`` [N]
+        is true get the learned null condition instead (CFG dropout). Without a context: the null condition
+        [batch_size (default 1), Q, C], the negative condition of classifier-free guidance. The null condition is
+        read here, inside ``forward``, so that sharding (FSDP) and offload hooks have placed it."""
+        if encoder_hidden_states is None or null_condition_mask is not None:
+            if self.null_condition is None:
+                raise ValueError(
+                    "this decoder perceiver has no learned null condition (config.null_condition is False: the DEEM "
+                    "model has no diffusion decoder)"
+                )
+        if encoder_hidden_states is None:
+            if null_condition_mask is not None or encoder_attention_mask is not None:
+                raise ValueError("`null_condition_mask` / `encoder_attention_mask` go with `encoder_hidden_states`")
+            return self.null_condition.expand(1 if batch_size is None else int(batch_size), -1, -1)
+        condition = DeemPerceiverBody.forward(self, encoder_hidden_states, encoder_attention_mask)
+        if null_condition_mask is not None:
+            flags = null_condition_mask.to(device=condition.device, dtype=torch.bool).reshape(-1)
+            if flags.shape[0] != condition.shape[0]:
+                raise ValueError(
+                    f"null_condition_mask has {flags.shape[0]} entries for {condition.shape[0]} conditions"
+                )
+            condition = torch.where(flags[:, None, None], self.null_condition.to(condition.dtype), condition)
+        return condition
 
 
 @dataclass
@@ -39,29 +140,31 @@ class DiffusionDraws:
 
 class DeemImageDecoder(nn.Module):
     """The image decoder: ``context_proj`` + ``decoder_perceiver`` (LLM context -> [N,Q,C] condition) and, with
-    ``config.diffusion_config``, ``null_condition`` [1,Q,C], ``unet``, ``vae`` (frozen, fp32), ``unet_side`` and
-    the DDPM ``noise_scheduler`` (a config object, no weights)."""
+    ``config.diffusion_config``, the decoder perceiver's learned ``null_condition`` [1,Q,C], ``unet``, ``vae``
+    (frozen, fp32), ``unet_side`` and the DDPM ``noise_scheduler`` (a config object, no weights)."""
 
     def __init__(self, config: DeemConfig):
         super().__init__()
         self.config = config
         hidden = config.text_config.hidden_size
         self.context_proj = nn.Linear(hidden, hidden)
-        self.decoder_perceiver = DeemPerceiver(config.decoder_perceiver_config)
+        self.decoder_perceiver = DeemDecoderPerceiver(config.decoder_perceiver_config)
         if config.diffusion_config is not None:
             from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
             dcfg = config.diffusion_config
             self.unet = UNet2DConditionModel.from_config(dcfg.unet)
             self.vae = AutoencoderKL.from_config(dcfg.vae)
-            self.unet_side = DeemUNetSideNetwork(dcfg, config.image_embed_dim)
-            self.null_condition = nn.Parameter(
-                torch.zeros(1, config.decoder_perceiver_config.num_queries, dcfg.unet["cross_attention_dim"])
-            )
+            self.unet_side = DeemUNetSideNetwork.from_diffusion_config(dcfg, config.image_embed_dim)
             self.noise_scheduler = DDPMScheduler.from_config(dcfg.scheduler)
             self.vae.requires_grad_(False)
         else:
-            self.unet = self.vae = self.unet_side = self.null_condition = self.noise_scheduler = None
+            self.unet = self.vae = self.unet_side = self.noise_scheduler = None
+
+    @property
+    def null_condition(self) -> nn.Parameter | None:
+        """The learned null condition [1,Q,C] (held by the decoder perceiver); ``None`` without diffusion."""
+        return self.decoder_perceiver.null_condition
 
     @property
     def has_diffusion(self) -> bool:
@@ -84,10 +187,11 @@ class DeemImageDecoder(nn.Module):
         ctx = ctx + sincos_1d(offs.float(), hidden.shape[-1]).to(ctx)[None]
         return ctx, valid.long()
 
-    def condition(self, hidden: torch.Tensor, image_rows, soi_pos, starts) -> torch.Tensor:
-        """[N,Q,C] UNet condition of each image from its LLM context (``context_features`` + decoder perceiver)."""
+    def condition(self, hidden: torch.Tensor, image_rows, soi_pos, starts, null_condition_mask=None) -> torch.Tensor:
+        """[N,Q,C] UNet condition of each image from its LLM context (``context_features`` + decoder perceiver);
+        the learned null condition for the images flagged in ``null_condition_mask`` [N]."""
         ctx, ctx_mask = self.context_features(hidden, image_rows, soi_pos, starts)
-        return self.decoder_perceiver(ctx, ctx_mask)
+        return self.decoder_perceiver(ctx, ctx_mask, null_condition_mask=null_condition_mask)
 
     # ------------------------------------------------------------------ denoising loss
 
@@ -181,12 +285,11 @@ class DeemImageDecoder(nn.Module):
         if not bool(keep.any()):
             return hidden.new_zeros((), dtype=torch.float32)
         sel = keep.nonzero().squeeze(1)
-        condition = self.condition(hidden, image_rows[sel], soi_pos[sel], starts[sel])
         null = draws.null_condition
         if null is None:
-            null = torch.rand(n, generator=generator, device=condition.device) < self.config.cfg_dropout_prob
-        null = null.to(condition.device).reshape(n)[sel]
-        condition = torch.where(null[:, None, None], self.null_condition.to(condition.dtype), condition)
+            null = torch.rand(n, generator=generator, device=hidden.device) < self.config.cfg_dropout_prob
+        null = null.to(hidden.device).reshape(n)[sel]
+        condition = self.condition(hidden, image_rows[sel], soi_pos[sel], starts[sel], null_condition_mask=null)
         side, side_mask = self.previous_image_features(multiscale_features, image_rows, soi_pos, starts)
         side = [f[sel] for f in side]
         posterior = tuple(p[sel.to(p.device)] for p in posterior)

@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.autograd.function import once_differentiable
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -512,21 +514,47 @@ class DeemSideBlock(nn.Module):
         return self.conv(out.transpose(1, 2).reshape(n, c, h, w))
 
 
-class DeemUNetSideNetwork(nn.Module):
+class DeemUNetSideNetwork(ModelMixin, ConfigMixin):
     r"""MMFSNet (§2.9): residuals for every UNet down-path skip sample (``down_blocks.k``) and the mid-block output
     (``mid_block``) from the multi-scale features of one or more images.
 
+    A diffusers model (``ConfigMixin`` config, ``save_pretrained`` / ``from_pretrained``), like the other UNet
+    adapters, so that [`DeemImagePipeline`] saves and loads it as a component; inside DEEM it is
+    ``model.image_decoder.unet_side``, built by [`~DeemUNetSideNetwork.from_diffusion_config`].
+
     Block k's offsets are scaled by ``side_spatial_shapes / base_k``. ``base_k`` comes from
-    ``config.side_base_spatial_shapes`` (one per down block, then the mid block) when that attribute is set,
-    else it is the side of skip sample k for a full-size latent (``config.latent_size``; for SD-2.1 this is what
-    the original uses). The sin-cos query tables are ``latent_size x latent_size``.
+    ``side_base_spatial_shapes`` (one per down block, then the mid block) when set, else it is the side of skip
+    sample k for a full-size latent (``latent_size``; for SD-2.1 this is what the original uses). The sin-cos
+    query tables are ``latent_size x latent_size``.
+
+    Args:
+        unet_config (`dict`): the UNet2DConditionModel config the residuals are made for.
+        latent_size (`int`): side of a full-size latent.
+        feature_dim (`int`): width of the image features read (the DEEM ``image_embed_dim``).
+        side_attn_dim / side_num_heads / side_num_points / side_spatial_shapes / side_base_spatial_shapes /
+            side_max_num_images / side_offset_init_magnitude / side_layer_norm_eps: as in ``DeemDiffusionConfig``.
     """
 
-    def __init__(self, config, feature_dim: int):
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict,
+        latent_size: int,
+        feature_dim: int,
+        side_attn_dim: int = 1024,
+        side_num_heads: int = 16,
+        side_num_points: int = 8,
+        side_spatial_shapes: Sequence[int] = (64, 32, 16, 8),
+        side_base_spatial_shapes: Sequence[int] | None = None,
+        side_max_num_images: int = 10,
+        side_offset_init_magnitude: float = 1.0,
+        side_layer_norm_eps: float = 1e-6,
+    ):
         super().__init__()
-        latent_size = config.latent_size
-        skips, (mid_channels, mid_side) = unet_skip_layout(config.unet, latent_size)
-        bases = getattr(config, "side_base_spatial_shapes", None)
+        skips, (mid_channels, mid_side) = unet_skip_layout(unet_config, latent_size)
+        bases = side_base_spatial_shapes
         if bases is None:
             bases = [side for _, side in skips] + [mid_side]
         if len(bases) != len(skips) + 1:
@@ -534,20 +562,31 @@ class DeemUNetSideNetwork(nn.Module):
                 f"side_base_spatial_shapes has {len(bases)} entries; the UNet needs {len(skips)} skips + 1 mid"
             )
         self.skip_layout = skips
+        config = self.config
         self.down_blocks = nn.ModuleList(
             DeemSideBlock(c, feature_dim, base, latent_size, config) for (c, _), base in zip(skips, bases[:-1])
         )
         self.mid_block = DeemSideBlock(mid_channels, feature_dim, bases[-1], latent_size, config)
         self.gradient_checkpointing = False
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """Parameter dtype (read by diffusers pipelines for ``.to`` / model offload)."""
-        return self.mid_block.attn.value_proj.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.mid_block.attn.value_proj.weight.device
+    @classmethod
+    def from_diffusion_config(cls, config, feature_dim: int) -> "DeemUNetSideNetwork":
+        """The side network a ``DeemDiffusionConfig`` describes, reading ``feature_dim``-wide image features."""
+        names = [
+            "side_attn_dim",
+            "side_num_heads",
+            "side_num_points",
+            "side_spatial_shapes",
+            "side_base_spatial_shapes",
+            "side_max_num_images",
+            "side_offset_init_magnitude",
+            "side_layer_norm_eps",
+        ]
+        kwargs = {name: getattr(config, name) for name in names if getattr(config, name, None) is not None}
+        for name in ("side_spatial_shapes", "side_base_spatial_shapes"):
+            if name in kwargs:
+                kwargs[name] = [int(v) for v in kwargs[name]]
+        return cls(unet_config=dict(config.unet), latent_size=config.latent_size, feature_dim=feature_dim, **kwargs)
 
     def blocks(self) -> list:
         """The down blocks in skip order, then the mid block."""

@@ -35,7 +35,7 @@ from transformers.utils import logging
 from .compat import ATTENTION_CACHE_KW, CACHE_FIELD, MASK_CACHE_KW, model_output_class, pop_cache_kwarg
 from .configuration_deem import DeemConfig
 from .generation_deem import DeemGenerateOutput, DeemGenerationMixin, DeemStreamer
-from .image_decoder_deem import DeemImageDecoder, DiffusionDraws
+from .image_decoder_deem import DeemDecoderPerceiver, DeemImageDecoder, DiffusionDraws, initialize_unless_loaded
 from .mmfs import DeemGatedCrossAttention
 from .sequence_deem import (
     _image_context_spans,
@@ -322,7 +322,9 @@ LEGACY_KEY_PREFIXES = (
     ("unet.", "image_decoder.unet."),
     ("unet_side.", "image_decoder.unet_side."),
     ("vae.", "image_decoder.vae."),
-    ("null_condition", "image_decoder.null_condition"),
+    # the learned null condition: a parameter of the image decoder, now of its decoder perceiver
+    ("null_condition", "image_decoder.decoder_perceiver.null_condition"),
+    ("image_decoder.null_condition", "image_decoder.decoder_perceiver.null_condition"),
 )
 # the same as ``from_pretrained(key_mapping=...)`` regexes (anchored: current keys never match)
 LEGACY_KEY_MAPPING = {
@@ -331,8 +333,11 @@ LEGACY_KEY_MAPPING = {
 
 
 def _rename(key: str, pairs) -> str:
+    for old, new in pairs:  # whole keys before prefixes (a key may also start with a renamed prefix)
+        if key == old and not old.endswith("."):
+            return new
     for old, new in pairs:
-        if (old.endswith(".") and key.startswith(old)) or key == old:
+        if old.endswith(".") and key.startswith(old):
             return new + key[len(old) :]
     return key
 
@@ -344,7 +349,8 @@ def legacy_to_current_keys(state: dict) -> dict:
 
 def current_to_legacy_keys(state: dict) -> dict:
     """The current layout -> the layout before the split (what the original-key tables are written against)."""
-    return {_rename(key, [(new, old) for old, new in LEGACY_KEY_PREFIXES]): value for key, value in state.items()}
+    pairs = [(new, old) for old, new in LEGACY_KEY_PREFIXES if not old.startswith("image_decoder.")]
+    return {_rename(key, pairs): value for key, value in state.items()}
 
 
 class DeemPreTrainedModel(PreTrainedModel):
@@ -358,6 +364,7 @@ class DeemPreTrainedModel(PreTrainedModel):
         "DeemDecoderLayer",
         "DeemImageEncoder",
         "DeemPerceiver",
+        "DeemDecoderPerceiver",
         "UNet2DConditionModel",
         "DeemUNetSideNetwork",
         "AutoencoderKL",
@@ -478,14 +485,7 @@ class DeemPreTrainedModel(PreTrainedModel):
         """Like transformers', but skip a module only when all of its (recursive) tensors were loaded: the
         custom-code shortcut treats a module without direct parameters as initialised, which would skip the init
         of the deformable attention, the text head and the LLaMA blocks in ``_init_weights``."""
-        if getattr(module, "_is_hf_initialized", False):
-            return
-        tensors = [*module.parameters(), *(b for b in module.buffers() if b is not None)]
-        if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
-            module._is_hf_initialized = True
-            return
-        self._init_weights(module)
-        module._is_hf_initialized = True
+        initialize_unless_loaded(self, module)
 
     def _init_weights(self, module):
         """Initialise as the original does (§2.11): LLM Linear/Embedding normal(initializer_range), perceivers
@@ -523,9 +523,6 @@ class DeemPreTrainedModel(PreTrainedModel):
             module.original_inv_freq.copy_(inv_freq)
         elif isinstance(module, DeemModel):
             nn.init.zeros_(module.soi_embedding)
-        elif isinstance(module, DeemImageDecoder):
-            if module.null_condition is not None:
-                nn.init.normal_(module.null_condition, std=self.config.initializer_range)
         elif hasattr(module, "reset_parameters") and not isinstance(module, PreTrainedModel):
             module.reset_parameters()
 
@@ -1089,6 +1086,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             ("LLM", [model.language_model]),
             ("text head (new tokens)", [head.new_tokens]),
             ("text head (base)", [head.base]),
+            ("image decoder", optional(decoder.null_condition)),  # held by the decoder perceiver, trained as before
             ("decoder perceiver", [decoder.decoder_perceiver]),
             ("UNet side network", optional(decoder.unet_side)),
             ("UNet", optional(decoder.unet)),
@@ -1206,6 +1204,7 @@ DeemForInterleavedGeneration.register_for_auto_class("AutoModel")  # + AutoModel
 __all__ = [
     "DeemForInterleavedGeneration",
     "DeemGenerateOutput",
+    "DeemDecoderPerceiver",
     "DeemImageDecoder",
     "DeemModel",
     "DeemModelOutputWithPast",

@@ -6,16 +6,24 @@ itself), plus the multi-scale maps of the previous image, which the UNet side ne
 samples. Its components are the DEEM model's own modules (shared, never copied):
 
 * ``unet`` / ``vae``: the model's ``UNet2DConditionModel`` / ``AutoencoderKL`` (the VAE stays in fp32);
-* ``side_network``: the model's ``DeemUNetSideNetwork`` (MMFSNet);
-* ``conditioner``: [`DeemImageConditioner`], a thin wrapper around the model's ``context_proj``,
-  ``decoder_perceiver`` and learned ``null_condition`` (the negative condition of classifier-free guidance);
+* ``side_network``: the model's ``DeemUNetSideNetwork`` (MMFSNet, a diffusers ``ModelMixin``);
+* ``decoder_perceiver``: the model's ``DeemDecoderPerceiver`` (a transformers model), which reads the LLM context
+  into the condition and holds the learned null condition (the negative condition of classifier-free guidance);
 * ``scheduler``: any diffusers scheduler; by default a ``DDPMScheduler`` with the model's noise-scheduler config
   (SD-2.1-base betas, "leading" spacing, ``steps_offset`` 1: 250 steps visit t = 997, 993, ..., 1).
+
+``pipe.save_pretrained(dir)`` writes the usual diffusers layout (``model_index.json`` and one folder per
+component) plus a one-line ``pipeline_deem.py`` that points diffusers at this class, so that
+``DeemImagePipeline.from_pretrained(dir)`` and ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)``
+load it (both need the ``deem-transformers`` package installed).
 
 This file must not import ``modeling_deem`` at module level (``modeling_deem`` imports it).
 """
 
 import inspect
+import json
+import os
+import tempfile
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,7 +35,8 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .mmfs import unet_forward_with_side
+from .image_decoder_deem import DeemDecoderPerceiver
+from .mmfs import DeemUNetSideNetwork, unet_forward_with_side
 
 logger = logging.get_logger(__name__)
 
@@ -72,49 +81,20 @@ def _stack_embeds(embeds, name: str):
     return torch.cat([e if e.dim() == 3 else e[None] for e in embeds])
 
 
-class DeemImageConditioner(nn.Module):
-    r"""The modules that turn LLM context into the UNet condition, held by reference (never copied).
-
-    ``context_proj``: Linear(H, H) applied to the reversed LLM context (used by the image decoder's
-    ``context_features``);
-    ``decoder_perceiver``: reads that context into ``num_queries`` x ``cross_attention_dim`` tokens;
-    ``null_condition``: the learned [1, Q, D] unconditional embedding (negative condition of CFG, §5.2).
-    Grouping them gives the pipeline one component to place, cast and offload for the whole context -> condition
-    path.
-    """
-
-    def __init__(self, context_proj: nn.Module, decoder_perceiver: nn.Module, null_condition: nn.Parameter):
-        super().__init__()
-        self.context_proj = context_proj
-        self.decoder_perceiver = decoder_perceiver
-        self.null_condition = null_condition
-
-    @property
-    def device(self) -> torch.device:
-        return _module_device(self)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _module_dtype(self.decoder_perceiver)
-
-    @property
-    def context_dim(self) -> int:
-        """Width H of the context features the perceiver reads."""
-        return self.decoder_perceiver.config.encoder_hidden_size
-
-    def forward(
-        self, context_features: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """context_features [N, L, H] (reversed, projected and positioned LLM context, as made by the model's
-        ``image_decoder.context_features``); context_mask [N, L] (1 = valid) -> condition [N, Q, D]. Without context:
-        the learned null condition [1, Q, D] (read through ``forward`` so that offload hooks place it)."""
-        if context_features is None:
-            return self.null_condition
-        return self.decoder_perceiver(context_features.to(self.dtype), context_mask)
-
-    def negative_condition(self, batch_size: int) -> torch.Tensor:
-        """The learned null condition expanded to [batch_size, Q, D]."""
-        return self().expand(batch_size, -1, -1)
+# the file ``save_pretrained`` writes next to ``model_index.json``: diffusers loads a custom pipeline class from a
+# module in the saved folder, and this one only re-exports ours from the installed package
+PIPELINE_MODULE = "pipeline_deem"
+PIPELINE_MODULE_SOURCE = (
+    '"""DEEM image pipeline: the class lives in the deem-transformers package (pip install deem-transformers)."""\n'
+    "\n"
+    "from deem.modeling.pipeline_deem import DeemImagePipeline  # noqa: F401\n"
+)
+# the classes of ours a saved pipeline names, under the package path a fresh process imports them from (a model
+# loaded with trust_remote_code has them in transformers' dynamic-module cache, which a later process lacks)
+_CANONICAL_MODULES = {
+    "DeemUNetSideNetwork": "deem.modeling.mmfs",
+    "DeemDecoderPerceiver": "deem.modeling.image_decoder_deem",
+}
 
 
 class DeemImagePipeline(DiffusionPipeline):
@@ -130,23 +110,33 @@ class DeemImagePipeline(DiffusionPipeline):
         vae: the model's ``AutoencoderKL``.
         scheduler: a diffusers scheduler (the model's DDPM configuration by default in ``from_model``).
         side_network: the model's ``DeemUNetSideNetwork``.
-        conditioner: [`DeemImageConditioner`] over the model's ``context_proj`` / ``decoder_perceiver`` /
-            ``null_condition``.
+        decoder_perceiver: the model's ``DeemDecoderPerceiver`` (context -> condition, and the learned null
+            condition).
         image_size: default output side in pixels (the model's decoder image size); ``None``: the UNet's
             ``sample_size`` times the VAE scale factor.
     """
 
-    model_cpu_offload_seq = "conditioner->side_network->unet->vae"
+    model_cpu_offload_seq = "decoder_perceiver->side_network->unet->vae"
     _optional_components = []
-    # sequential offload would swap the shared null_condition Parameter for a copy inside the conditioner only (the
-    # model would no longer see it): keep this small component on the accelerator instead
-    _exclude_from_cpu_offload = ["conditioner"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    def __init__(self, unet, vae, scheduler, side_network, conditioner, image_size: int | None = None):
+    def __init__(
+        self,
+        unet,
+        vae,
+        scheduler,
+        side_network: DeemUNetSideNetwork,
+        decoder_perceiver: DeemDecoderPerceiver,
+        image_size: int | None = None,
+    ):
         super().__init__()
+        if getattr(decoder_perceiver, "null_condition", None) is None:
+            raise ValueError(
+                "`decoder_perceiver` has no learned null condition (config.null_condition is False): it comes from a "
+                "DEEM model without a diffusion decoder"
+            )
         self.register_modules(
-            unet=unet, vae=vae, scheduler=scheduler, side_network=side_network, conditioner=conditioner
+            unet=unet, vae=vae, scheduler=scheduler, side_network=side_network, decoder_perceiver=decoder_perceiver
         )
         self.register_to_config(image_size=image_size)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
@@ -166,7 +156,6 @@ class DeemImagePipeline(DiffusionPipeline):
             )
         if scheduler is None:
             scheduler = DDPMScheduler.from_config(model.noise_scheduler.config)
-        conditioner = DeemImageConditioner(model.context_proj, model.decoder_perceiver, model.null_condition)
         dcfg = getattr(model.config, "diffusion_config", None)
         image_size = getattr(dcfg, "image_size", None)
         return cls(
@@ -174,17 +163,33 @@ class DeemImagePipeline(DiffusionPipeline):
             vae=model.vae,
             scheduler=scheduler,
             side_network=model.unet_side,
-            conditioner=conditioner,
+            decoder_perceiver=model.decoder_perceiver,
             image_size=image_size,
         )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, scheduler=None, **kwargs) -> "DeemImagePipeline":
-        """Load a DEEM checkpoint (local directory or Hub repo) and build the pipeline over its modules.
+        """Load a saved pipeline (a folder or Hub repo with ``model_index.json``, as ``save_pretrained`` writes it)
+        or build one over the modules of a DEEM model checkpoint.
 
-        ``kwargs`` go to the model's ``from_pretrained`` (``dtype``, ``device_map``, ``revision``, ...;
-        ``torch_dtype`` is accepted as ``dtype``). The model class next to this file is used; with
-        ``trust_remote_code=True`` the checkpoint's own code is loaded through ``transformers.AutoModel``."""
+        A saved pipeline loads through ``DiffusionPipeline.from_pretrained`` (``torch_dtype`` as a dtype or a
+        per-component dict, ``device_map``, ``variant``, ...); its ``pipeline_deem.py`` is trusted without
+        ``trust_remote_code`` only when it is exactly the file ``save_pretrained`` writes and the repo has no other
+        code. For a DEEM checkpoint, ``kwargs`` go to the model's ``from_pretrained`` (``dtype``, ``device_map``,
+        ``revision``, ...; ``torch_dtype`` is accepted as ``dtype``, per-component dicts too); the model class next
+        to this file is used, or with ``trust_remote_code=True`` the checkpoint's own code through
+        ``transformers.AutoModel``."""
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        if _has_model_index(pretrained_model_name_or_path, **hub_kwargs):
+            if scheduler is not None:
+                kwargs["scheduler"] = scheduler
+            if not kwargs.get("trust_remote_code") and _only_our_code(pretrained_model_name_or_path, **hub_kwargs):
+                kwargs["trust_remote_code"] = True
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls._from_model_checkpoint(pretrained_model_name_or_path, scheduler=scheduler, **kwargs)
+
+    @classmethod
+    def _from_model_checkpoint(cls, pretrained_model_name_or_path, scheduler=None, **kwargs) -> "DeemImagePipeline":
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         component_dtypes = None
@@ -220,20 +225,29 @@ class DeemImagePipeline(DiffusionPipeline):
 
     @staticmethod
     def _component_names() -> list[str]:
-        return ["unet", "vae", "side_network", "conditioner"]
+        return ["unet", "vae", "side_network", "decoder_perceiver"]
 
-    def save_pretrained(self, *args, **kwargs):
-        raise NotImplementedError(
-            "DeemImagePipeline shares its modules with a DEEM model: save the model (model.save_pretrained(path)) and "
-            "rebuild the pipeline with DeemImagePipeline.from_pretrained(path)"
-        )
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """``model_index.json`` as diffusers writes it, naming this class through ``pipeline_deem.py`` (written
+        next to it) and our component classes under their installed package path."""
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        path = os.path.join(save_directory, self.config_name)
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        for name, value in index.items():
+            if isinstance(value, list) and len(value) == 2 and value[1] in _CANONICAL_MODULES:
+                index[name] = [_CANONICAL_MODULES[value[1]], value[1]]
+        _write_atomic(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_atomic(os.path.join(save_directory, PIPELINE_MODULE + ".py"), PIPELINE_MODULE_SOURCE)
 
     # ------------------------------------------------------------------ device / dtype
 
     @property
     def device(self) -> torch.device:
         """The device the denoiser lives on (an accelerator if any component is on one)."""
-        modules = [m for m in (self.unet, self.side_network, self.conditioner, self.vae) if isinstance(m, nn.Module)]
+        parts = (self.unet, self.side_network, self.decoder_perceiver, self.vae)
+        modules = [m for m in parts if isinstance(m, nn.Module)]
         devices = [_module_device(m) for m in modules]
         for device in devices:
             if device.type not in ("cpu", "meta"):
@@ -314,7 +328,7 @@ class DeemImagePipeline(DiffusionPipeline):
         else:
             if not isinstance(context_features, torch.Tensor) or context_features.dim() != 3:
                 raise ValueError(f"`context_features` must be a [N, L, H] tensor, got {_shape(context_features)}")
-            width_h = self.conditioner.context_dim
+            width_h = self.decoder_perceiver.config.encoder_hidden_size
             if context_features.shape[-1] != width_h:
                 raise ValueError(
                     f"`context_features` width {context_features.shape[-1]} does not match the decoder perceiver's "
@@ -408,7 +422,7 @@ class DeemImagePipeline(DiffusionPipeline):
         """Run the decoder perceiver: context_features [N, L, H] (+ context_mask [N, L]) -> condition [N, Q, D]."""
         device = self._execution_device
         mask = None if context_mask is None else context_mask.to(device)
-        return self.conditioner(context_features.to(device), mask)
+        return self.decoder_perceiver(context_features.to(device=device, dtype=self.decoder_perceiver.dtype), mask)
 
     def prepare_side_features(self, side_features, side_mask, batch_size: int, device, dtype):
         """-> (list of 4 [N, n_img, E, h, w], mask [N, n_img]); ``None`` gives zero maps at the configured level
@@ -556,7 +570,7 @@ class DeemImagePipeline(DiffusionPipeline):
         prompt_embeds = prompt_embeds.to(device=device, dtype=unet_dtype)
         if self.do_classifier_free_guidance:
             if negative_prompt_embeds is None:
-                negative_prompt_embeds = self.conditioner.negative_condition(batch_size)
+                negative_prompt_embeds = self.decoder_perceiver(batch_size=batch_size)
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=unet_dtype).expand(
                 batch_size, -1, -1
             )
@@ -655,4 +669,61 @@ def _shape(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-__all__ = ["DeemImagePipeline", "DeemImageConditioner"]
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (never a half-written file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _has_model_index(path, **hub_kwargs) -> bool:
+    """Whether ``path`` (a folder or a Hub repo id) holds a saved pipeline (``model_index.json``)."""
+    path = str(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, DiffusionPipeline.config_name))
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(
+            path, DiffusionPipeline.config_name, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token")
+        )
+    except Exception:  # offline or not a repo id: treat as a model checkpoint, whose loader reports the problem
+        return False
+
+
+def _only_our_code(path, **hub_kwargs) -> bool:
+    """True when the only code in the saved pipeline at ``path`` is the ``pipeline_deem.py`` we write."""
+    path = str(path)
+    name = PIPELINE_MODULE + ".py"
+    if os.path.isdir(path):
+        code = [
+            os.path.relpath(os.path.join(root, f), path)
+            for root, _, files in os.walk(path)
+            for f in files
+            if f.endswith(".py")
+        ]
+        if code != [name]:
+            return False
+        with open(os.path.join(path, name), encoding="utf-8") as f:
+            return f.read() == PIPELINE_MODULE_SOURCE
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    try:
+        files = list_repo_files(path, revision=hub_kwargs.get("revision"), token=hub_kwargs.get("token"))
+        if [f for f in files if f.endswith(".py")] != [name]:
+            return False
+        local = hf_hub_download(path, name, **hub_kwargs)
+        with open(local, encoding="utf-8") as f:
+            return f.read() == PIPELINE_MODULE_SOURCE
+    except Exception:
+        return False
+
+
+__all__ = ["DeemImagePipeline"]

@@ -24,6 +24,7 @@ from .pos_embed import resize_table, sincos_2d
 __all__ = [
     "DeemConvNextBackbone",
     "DeemPerceiver",
+    "DeemPerceiverBody",
     "DeemRegionExtractor",
     "DeemImageEncoder",
     "DeemImageEncoderOutput",
@@ -198,18 +199,11 @@ class DeemPerceiverLayer(GradientCheckpointingLayer):
         return self.mlp(hidden_states)
 
 
-class DeemPerceiver(nn.Module):
-    """Q-Former-style resampler (§2.3): ``num_queries`` learned queries read ``encoder_hidden_states``.
+class DeemPerceiverBody:
+    """The resampler itself (layers, init, forward), shared by the encoder's [`DeemPerceiver`] (a plain module)
+    and the image decoder's ``DeemDecoderPerceiver`` (a model of its own that also saves and loads alone)."""
 
-    Same math as the query path of transformers 4.31 ``Blip2QFormerModel`` (post-LN BERT layers), with optional
-    per-head LayerNorm on queries/keys (``qk_normalization``). Cross-attention in layers ``i % freq == 0``.
-    Attention runs through torch SDPA (fp32 difference to the original ~4e-7) unless
-    ``config._attn_implementation == "eager"`` (bit-identical to the original on CPU).
-    """
-
-    def __init__(self, config: DeemPerceiverConfig):
-        super().__init__()
-        self.config = config
+    def _build_perceiver(self, config: DeemPerceiverConfig):
         self.queries = nn.Parameter(torch.empty(1, config.num_queries, config.hidden_size))
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -217,7 +211,6 @@ class DeemPerceiver(nn.Module):
             DeemPerceiverLayer(config, has_cross_attention=i % config.cross_attention_frequency == 0)
             for i in range(config.num_hidden_layers)
         )
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -237,8 +230,14 @@ class DeemPerceiver(nn.Module):
         self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """[N,S,Ce] (+ optional [N,S] mask, 1 = attend) -> [N,Q,H]."""
-        if encoder_hidden_states.dim() != 3:
-            raise ValueError(f"encoder_hidden_states must be [N, S, C], got shape {tuple(encoder_hidden_states.shape)}")
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
+            got = tuple(encoder_hidden_states.shape) if isinstance(encoder_hidden_states, torch.Tensor) else None
+            raise ValueError(f"encoder_hidden_states must be [N, S, C], got shape {got}")
+        if encoder_hidden_states.shape[-1] != self.config.encoder_hidden_size:
+            raise ValueError(
+                f"encoder_hidden_states width {encoder_hidden_states.shape[-1]} does not match the perceiver's "
+                f"encoder_hidden_size {self.config.encoder_hidden_size}"
+            )
         batch = encoder_hidden_states.shape[0]
         hidden_states = self.queries.to(encoder_hidden_states.dtype).expand(batch, -1, -1)
         hidden_states = self.dropout(self.input_layernorm(hidden_states))
@@ -253,6 +252,22 @@ class DeemPerceiver(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, encoder_hidden_states, additive)
         return hidden_states
+
+
+class DeemPerceiver(DeemPerceiverBody, nn.Module):
+    """Q-Former-style resampler (§2.3): ``num_queries`` learned queries read ``encoder_hidden_states``.
+
+    Same math as the query path of transformers 4.31 ``Blip2QFormerModel`` (post-LN BERT layers), with optional
+    per-head LayerNorm on queries/keys (``qk_normalization``). Cross-attention in layers ``i % freq == 0``.
+    Attention runs through torch SDPA (fp32 difference to the original ~4e-7) unless
+    ``config._attn_implementation == "eager"`` (bit-identical to the original on CPU).
+    """
+
+    def __init__(self, config: DeemPerceiverConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        self._build_perceiver(config)
+        self.reset_parameters()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -454,7 +454,7 @@ def test_unet_forward_without_side_equals_diffusers():
     with torch.no_grad():
         assert torch.equal(unet_forward_with_side(unet, None, odd, 3, context[:1]), unet(odd, 3, context[:1]).sample)
         # a fresh side network has zero convs: it adds exactly nothing
-        net = DeemUNetSideNetwork(tiny_side_config(), feature_dim=6)
+        net = DeemUNetSideNetwork.from_diffusion_config(tiny_side_config(), feature_dim=6)
         feats = [torch.randn(2, 1, 6, s, s) for s in (8, 4, 2, 1)]
         out = unet_forward_with_side(
             unet, net, sample, torch.tensor([3, 700]), context, side_features=feats, side_mask=torch.ones(2, 1)
@@ -467,7 +467,7 @@ def test_unet_side_cfg_batch_and_unsupported():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**tiny_unet_config()).eval()
-    net = DeemUNetSideNetwork(tiny_side_config(), feature_dim=6).eval()
+    net = DeemUNetSideNetwork.from_diffusion_config(tiny_side_config(), feature_dim=6).eval()
     assert len(net.down_blocks) == 6
     with torch.no_grad():
         for block in net.blocks():
@@ -516,7 +516,7 @@ def test_side_network_gradients_and_checkpointing():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**tiny_unet_config())
-    net = DeemUNetSideNetwork(tiny_side_config(), feature_dim=6)
+    net = DeemUNetSideNetwork.from_diffusion_config(tiny_side_config(), feature_dim=6)
     with torch.no_grad():
         for block in net.blocks():
             block.conv.weight.normal_(0, 0.5)
@@ -595,7 +595,7 @@ def test_fixture_unet_and_side_network_parity(fixture_a):
     config.side_base_spatial_shapes = original_side_base_spatial_shapes(unet_cfg, image_size)
     assert config.side_base_spatial_shapes == [8, 8, 8, 4, 1]
     image_embed_dim = configs["model_config"]["image_embed_dim"]
-    net = DeemUNetSideNetwork(config, image_embed_dim).eval()
+    net = DeemUNetSideNetwork.from_diffusion_config(config, image_embed_dim).eval()
     converted = convert_side_network_state_dict(original)
     net.load_state_dict(converted, strict=True)
     torch.testing.assert_close(

@@ -99,16 +99,19 @@ def zero_side(model, n):
 
 
 def test_components_are_the_models_own_objects(model, pipe):
-    from deem.modeling.pipeline_deem import DeemImageConditioner
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
 
     keys_before = set(model.state_dict())
     assert pipe.unet is model.unet and pipe.vae is model.vae and pipe.side_network is model.unet_side
-    assert isinstance(pipe.conditioner, DeemImageConditioner)
-    assert pipe.conditioner.context_proj is model.context_proj
-    assert pipe.conditioner.decoder_perceiver is model.decoder_perceiver
-    assert pipe.conditioner.null_condition is model.null_condition
-    assert set(pipe.components) == {"unet", "vae", "scheduler", "side_network", "conditioner"}
-    assert set(pipe.model_cpu_offload_seq.split("->")) == {"conditioner", "side_network", "unet", "vae"}
+    # the image decoder's own parts, no wrapper: the side network a diffusers model, the decoder perceiver (which
+    # holds the learned null condition) a transformers model, both saveable as pipeline components
+    assert pipe.decoder_perceiver is model.image_decoder.decoder_perceiver
+    assert pipe.decoder_perceiver.null_condition is model.image_decoder.null_condition is model.null_condition
+    assert isinstance(pipe.side_network, ModelMixin) and isinstance(pipe.decoder_perceiver, PreTrainedModel)
+    assert set(pipe.components) == {"unet", "vae", "scheduler", "side_network", "decoder_perceiver"}
+    assert set(pipe.model_cpu_offload_seq.split("->")) == {"decoder_perceiver", "side_network", "unet", "vae"}
+    assert "image_decoder.decoder_perceiver.null_condition" in keys_before
     # the default scheduler: the model's DDPM configuration, a separate object (sampling never touches training)
     assert isinstance(pipe.scheduler, DDPMScheduler) and pipe.scheduler is not model.noise_scheduler
     assert dict(pipe.scheduler.config) == dict(model.noise_scheduler.config)
@@ -428,8 +431,6 @@ def test_input_errors(model, pipe):
         kwargs.setdefault("num_inference_steps", 1)
         with pytest.raises(ValueError, match=message):
             pipe(**kwargs)
-    with pytest.raises(NotImplementedError, match="save the model"):
-        pipe.save_pretrained("unused")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,10 +464,9 @@ def test_model_cpu_offload_runs_and_matches(model):
         out_ctx = p(context_features=ctx, **kw, generator=gen(4)).images
     finally:
         p.remove_all_hooks()
-    assert hooked == ["conditioner", "side_network", "unet", "vae"]
+    assert hooked == ["decoder_perceiver", "side_network", "unet", "vae"]
     assert torch.equal(out, ref) and torch.equal(out_ctx, ref_ctx)
-    assert p.unet is model.unet and p.conditioner.null_condition is model.null_condition
-    assert "conditioner" in p._exclude_from_cpu_offload  # sequential offload would un-share null_condition
+    assert p.unet is model.unet and p.decoder_perceiver.null_condition is model.null_condition
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -551,3 +551,94 @@ def test_prompt_embeds_as_a_list_and_per_component_dtypes(model, pipe, saved):
     assert next(loaded.vae.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="not components"):
         DeemImagePipeline.from_pretrained(saved, torch_dtype={"unet": torch.bfloat16, "text_encoder": torch.float16})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving and loading the pipeline itself (model_index.json)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_pipe(pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("deem_pipe_saved")
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_save_pretrained_writes_a_diffusers_layout(pipe, saved_pipe):
+    index = json.loads((saved_pipe / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_deem", "DeemImagePipeline"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["side_network"] == ["deem.modeling.mmfs", "DeemUNetSideNetwork"]
+    assert index["decoder_perceiver"] == ["deem.modeling.image_decoder_deem", "DeemDecoderPerceiver"]
+    assert index["image_size"] == 32
+    for name in ("unet", "vae", "side_network", "decoder_perceiver", "scheduler"):
+        assert (saved_pipe / name).is_dir() and any((saved_pipe / name).iterdir()), name
+    assert "from deem.modeling.pipeline_deem import DeemImagePipeline" in (saved_pipe / "pipeline_deem.py").read_text()
+    assert not [p.name for p in saved_pipe.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_saved_pipeline_loads_and_samples_the_same(model, pipe, saved_pipe):
+    from diffusers import DiffusionPipeline
+
+    from deem.modeling.pipeline_deem import DeemImagePipeline
+
+    pe = cond(model, seed=21)
+    ctx = torch.randn(2, 3, model.config.text_config.hidden_size, generator=gen(22))
+    kw = dict(num_inference_steps=STEPS, output_type="pt", guidance_scale=3.0)
+    ref = pipe(prompt_embeds=pe, **kw, generator=gen(9)).images
+    ref_ctx = pipe(context_features=ctx, **kw, generator=gen(9)).images
+    loaded = [DeemImagePipeline.from_pretrained(saved_pipe)]
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(saved_pipe)  # custom code, as for every custom pipeline
+    loaded.append(DiffusionPipeline.from_pretrained(saved_pipe, trust_remote_code=True))
+    for p in loaded:
+        assert type(p) is DeemImagePipeline
+        assert p.unet is not model.unet and p.decoder_perceiver is not model.decoder_perceiver
+        assert torch.equal(p.decoder_perceiver.null_condition, model.null_condition)
+        p.set_progress_bar_config(disable=True)
+        assert torch.equal(p(prompt_embeds=pe, **kw, generator=gen(9)).images, ref)
+        assert torch.equal(p(context_features=ctx, **kw, generator=gen(9)).images, ref_ctx)
+    half = DeemImagePipeline.from_pretrained(saved_pipe, dtype={"unet": torch.bfloat16, "default": torch.float32})
+    assert half.unet.dtype == torch.bfloat16 and half.decoder_perceiver.dtype == torch.float32
+
+
+def test_saved_pipeline_with_other_code_needs_trust(saved_pipe, tmp_path):
+    import shutil
+
+    from deem.modeling.pipeline_deem import DeemImagePipeline
+
+    copy = tmp_path / "edited"
+    shutil.copytree(saved_pipe, copy)
+    (copy / "pipeline_deem.py").write_text((copy / "pipeline_deem.py").read_text() + "print('side effect')\n")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DeemImagePipeline.from_pretrained(copy)
+
+
+FRESH_PIPE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = torch.load(sys.argv[1] + "/../reference.pt")
+    out = pipe(prompt_embeds=ref["prompt_embeds"], num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(8)).images
+    print("RESULT" + json.dumps({"cls": type(pipe).__module__ + "." + type(pipe).__name__,
+                                 "equal": bool(torch.equal(out, ref["images"]))}))
+    """
+)
+
+
+def test_saved_pipeline_loads_in_a_fresh_process(model, pipe, saved_pipe):
+    """A new process that never imported deem: the saved pipeline_deem.py brings in our classes."""
+    pe = cond(model, seed=23)
+    images = pipe(prompt_embeds=pe, num_inference_steps=2, output_type="pt", generator=gen(8)).images
+    torch.save({"prompt_embeds": pe, "images": images}, saved_pipe.parent / "reference.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_PIPE, str(saved_pipe)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT") :])
+    assert out == {"cls": "deem.modeling.pipeline_deem.DeemImagePipeline", "equal": True}

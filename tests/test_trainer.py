@@ -531,7 +531,8 @@ FSDP_SCRIPT = textwrap.dedent("""
 """)
 
 FSDP_UNITS = (
-    "DeemDecoderLayer,DeemPerceiver,DeemUNetSideNetwork,CrossAttnDownBlock2D,DownBlock2D,UNetMidBlock2DCrossAttn,"
+    "DeemDecoderLayer,DeemPerceiver,DeemDecoderPerceiver,DeemUNetSideNetwork,CrossAttnDownBlock2D,DownBlock2D,"
+    "UNetMidBlock2DCrossAttn,"
     "CrossAttnUpBlock2D,UpBlock2D"
 )
 
