@@ -20,21 +20,31 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
-from .sequence_deem import check_sequence_inputs, cross_attention_visibility, left_align
-from .sequence_deem import pad_per_row as _pad_per_row
+from .compat import CACHE_FIELD
+from .sequence_deem import DeemImageMemory, check_sequence_inputs, cross_attention_visibility, left_align
+
+logger = logging.get_logger(__name__)
+
+# generate() arguments that only interleaved drawing reads
+_DRAW_ARGUMENTS = {"num_inference_steps", "guidance_scale", "max_new_images", "height", "width", "generator"}
 
 
 @dataclass
 class DeemGenerateOutput(GenerateDecoderOnlyOutput):
-    """Output of interleaved generation (``generate(soi="draw")``): transformers' ``GenerateDecoderOnlyOutput``
-    (``sequences``, and ``scores`` / ``logits`` with ``output_scores`` / ``output_logits``) plus the images.
+    """Output of interleaved generation (``soi="draw"``): transformers' ``GenerateDecoderOnlyOutput``
+    (``sequences``; ``scores`` / ``logits`` / ``attentions`` / ``hidden_states`` with ``output_scores`` /
+    ``output_logits`` / ``output_attentions`` / ``output_hidden_states``; the cache with ``use_cache``) plus the
+    images.
 
     ``sequences`` [B, T]: prompt + generated ids; every drawn image appears as ``<|startofimage|>`` followed by
     its placeholders (padding inside a row, where other rows drew an image, has ``attention_mask`` 0).
     ``attention_mask`` [B, T]. ``images``: per row, the drawn images as [3, D, D] tensors in [0, 1], in order.
-    Draw mode always returns this object (the images cannot travel in a tensor), with or without
-    ``return_dict_in_generate``.
+    ``attentions`` / ``hidden_states`` hold one entry per forward pass, as the library's: the prompt, then each
+    generated token, plus one for each step in which images were drawn (their tokens are read in a pass of
+    their own). Draw mode returns this object unless ``return_dict_in_generate=False`` is passed, which returns
+    ``sequences`` alone (as every transformers model does) and drops the images.
     """
 
     attention_mask: torch.LongTensor | None = None
@@ -143,25 +153,38 @@ class DeemGenerationMixin(GenerationMixin):
         image_masks: torch.FloatTensor | None = None,
         num_images: torch.LongTensor | None = None,
         pixel_values_decoder: torch.FloatTensor | None = None,
-        soi: str = "stop",
+        soi: str | None = None,
         right_padding: str = "left_align",
         **kwargs,
     ):
-        """Text generation with the stock ``GenerationMixin`` (greedy, sampling, beam search, ``GenerationConfig``,
-        ``Cache`` objects). The prompt's images are encoded once; their cross-attention memory is reused at every
-        step. ``soi``: what ``<|startofimage|>`` does — ``"stop"`` (ends the row, like the original's
-        ``generate_texts``), ``"suppress"`` (never generated) or ``"draw"``: interleaved generation, where a row
-        that emits it gets an image drawn by the diffusion decoder from its context, encoded and appended, and
-        goes on writing (see ``_generate_interleaved``). Image placeholders are never generated.
-        ``pixel_values_decoder`` is accepted (processor output) and unused here.
+        """Generation. ``soi``: what ``<|startofimage|>`` does —
+
+        * ``"draw"``: interleaved generation, where a row that emits it gets an image drawn by the diffusion
+          decoder from its context, encoded and appended, and goes on writing (see ``_generate_interleaved``);
+          returns a [`DeemGenerateOutput`] with the images (``sequences`` alone with
+          ``return_dict_in_generate=False``);
+        * ``"stop"``: ends the row, like the original's ``generate_texts``; ``"suppress"``: never generated. Both
+          are the stock ``GenerationMixin`` (greedy, sampling, beam search, assisted decoding, ``GenerationConfig``,
+          ``Cache`` objects) and return what it returns;
+        * ``None`` (default): ``"draw"`` when the model has diffusion weights and the images can reach the caller
+          (``return_dict_in_generate=True``, or a streamer with ``put_image`` such as [`DeemStreamer`]) in greedy
+          or sampled decoding, or when an argument only drawing reads is given (``num_inference_steps``,
+          ``guidance_scale``, ``max_new_images``, ``height``, ``width``, ``generator``); else ``"stop"``. So a plain
+          call returns the token ids as every transformers model does, and ``generate(**inputs,
+          return_dict_in_generate=True).images`` holds the drawn images.
+
+        The prompt's images are encoded once into one [`DeemImageMemory`], reused at every step. Image
+        placeholders are never generated. ``pixel_values_decoder`` is accepted (processor output) and unused.
 
         Prompts padded on the right (what training collators produce) are left-aligned first, so every row
         continues exactly as it would alone (``right_padding="left_align"``, the default). ``right_padding=
         "continue"`` decodes after the padding instead, as the original's ``generate_texts`` does on a right-padded
         batch (its first new token is then read at a pad position); it exists to reproduce the original."""
         cfg = self.config
+        if soi is None:
+            soi = self._default_soi(input_ids, kwargs)
         if soi not in ("stop", "suppress", "draw"):
-            raise ValueError(f"soi must be 'draw', 'stop' or 'suppress', got {soi!r}")
+            raise ValueError(f"soi must be 'draw', 'stop', 'suppress' or None, got {soi!r}")
         if input_ids is None:
             if kwargs.get("inputs_embeds") is None:
                 raise ValueError(
@@ -191,9 +214,7 @@ class DeemGenerationMixin(GenerationMixin):
                 f"maximum of {limit} tokens"
             )
         # an assistant model (assisted decoding) gets the main model's encoded images, not pixels
-        encoded = pixel_values is None and (
-            kwargs.get("image_embeds") is not None or kwargs.get("vision_states") is not None
-        )
+        encoded = pixel_values is None and kwargs.get("image_memory") is not None
         runs, per_row = check_sequence_inputs(
             self.config, input_ids, attention_mask, pixel_values, image_masks, num_images, images_encoded=encoded
         )
@@ -202,28 +223,67 @@ class DeemGenerationMixin(GenerationMixin):
                 input_ids, attention_mask, pixel_values, image_masks, runs, per_row, **kwargs
             )
         if pixel_values is not None and pixel_values.shape[0] > 0:
+            if kwargs.get("image_memory") is not None:
+                raise ValueError("give pixel_values or image_memory (the images already encoded), not both")
             enc = self.model.image_encoder(pixel_values.to(self.dtype), image_masks)
-            states, shapes, starts = self.model.image_memory(enc, runs, per_row, input_ids.shape[0])
-            # the image tokens travel per row (beam search / num_return_sequences expand them like every batch
-            # input); each forward scatters them into the placeholders it is given (all of them without a cache)
-            kwargs.update(
-                image_embeds=_pad_per_row(enc.llm_embeds, per_row),
-                vision_states=self.model.project_vision_states(states),
-                vision_spatial_shapes=shapes,
-                image_starts=starts,
-            )
+            # one object per batch, per row (beam search / num_return_sequences expand it like every batch input);
+            # each forward scatters its image tokens into the placeholders it is given (all of them without a cache)
+            memory = self.model.image_memory(enc, runs, per_row, input_ids.shape[0])
+            kwargs["image_memory"] = self.model.project_image_memory(memory)
         self._text_mode_kwargs(kwargs, soi)
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _default_soi(self, input_ids, kwargs: dict) -> str:
+        """``"draw"`` when this model can draw, the caller can receive the images and the decoding mode is one the
+        interleaved loop runs; ``"stop"`` otherwise."""
+        if not self.has_diffusion or kwargs.get("image_memory") is not None:
+            return "stop"  # no diffusion weights, or an assistant given the main model's encoded images
+        config = kwargs.get("generation_config") or self.generation_config
+        asks_to_draw = sorted(set(kwargs) & _DRAW_ARGUMENTS)  # arguments only drawing reads: the caller means it
+        receives = bool(kwargs.get("return_dict_in_generate", config.return_dict_in_generate)) or hasattr(
+            kwargs.get("streamer"), "put_image"
+        )
+        if not receives and not asks_to_draw:
+            return "stop"
+        setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
+        other_modes = [
+            name
+            for name, used in (
+                ("num_beams > 1", (setting("num_beams") or 1) > 1),
+                ("assistant_model", kwargs.get("assistant_model") is not None),
+                ("prompt_lookup_num_tokens", setting("prompt_lookup_num_tokens") is not None),
+                ("cache_implementation", setting("cache_implementation") is not None),
+                ("a given cache", any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))),
+                ("inputs_embeds", input_ids is None),
+                ("custom_generate", kwargs.get("custom_generate") is not None),
+            )
+            if used
+        ]
+        if other_modes:
+            logger.warning_once(
+                f"generate() draws images in greedy or sampled decoding only; with {', '.join(other_modes)} "
+                "<|startofimage|> ends the row (pass soi='stop' to say so, or soi='draw' with greedy / sampling)"
+            )
+            return "stop"
+        if not asks_to_draw:
+            # chosen by default, draw mode returns what the config says (the bare sequences when only a streamer
+            # receives the images)
+            kwargs.setdefault("return_dict_in_generate", bool(config.return_dict_in_generate))
+        return "draw"
 
     def _text_mode_kwargs(self, kwargs: dict, soi: str):
         """Image placeholders are never generated; ``<|startofimage|>`` is suppressed or ends the row."""
         cfg = self.config
         suppress = [cfg.image_token_id] + ([cfg.soi_token_id] if soi == "suppress" else [])
         kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + suppress))
-        if soi == "stop" and "eos_token_id" not in kwargs:
-            eos = (kwargs.get("generation_config") or self.generation_config).eos_token_id
+        if soi == "stop":  # on top of the end-of-sequence ids in use (the caller's or the config's)
+            eos = kwargs.get("eos_token_id")
+            if eos is None:
+                eos = (kwargs.get("generation_config") or self.generation_config).eos_token_id
+            if isinstance(eos, torch.Tensor):
+                eos = eos.tolist()
             eos = list(eos) if isinstance(eos, (list, tuple)) else [eos if eos is not None else cfg.eos_token_id]
-            kwargs["eos_token_id"] = eos + [cfg.soi_token_id]
+            kwargs["eos_token_id"] = sorted(set(eos) | {cfg.soi_token_id})
 
     @torch.no_grad()
     def score_options(
@@ -346,10 +406,13 @@ class DeemGenerationMixin(GenerationMixin):
         ``max_new_tokens`` counts text tokens (image placeholders are not counted)."""
         cfg = self.config
         kwargs.pop("suppress_tokens", None)  # handled here: placeholders always, <|startofimage|> per row
-        kwargs.pop("return_dict_in_generate", None)  # the interleaved output is always a DeemGenerateOutput
+        # the images travel in the output object: a dict unless the caller asks for the bare sequences
+        return_dict = kwargs.pop("return_dict_in_generate", True)
         # the library's own resolution: call kwargs > generation_config > the model's > global defaults
         max_new_tokens = kwargs.pop("max_new_tokens", None)  # 0 is valid here (generate_images draws at once)
         generation_config, unknown = self._prepare_generation_config(generation_config, **kwargs)
+        for name in ("output_attentions", "output_hidden_states"):  # the library also hands these to forward
+            unknown.pop(name, None)
         if unknown:
             raise TypeError(f"unexpected arguments for interleaved generation (soi='draw'): {sorted(unknown)}")
         if generation_config.num_beams != 1:
@@ -357,12 +420,16 @@ class DeemGenerationMixin(GenerationMixin):
                 "interleaved generation (soi='draw') supports greedy decoding and sampling, not beam search: pass "
                 "soi='stop' or 'suppress' for beams"
             )
-        if max_new_tokens is None:
-            max_new_tokens = generation_config.max_new_tokens if generation_config.max_new_tokens is not None else 64
+        if max_new_tokens is None:  # as GenerationMixin: max_new_tokens, else max_length counts the prompt too
+            max_new_tokens = generation_config.max_new_tokens
+            if max_new_tokens is None:
+                max_new_tokens = max(int(generation_config.max_length) - input_ids.shape[1], 0)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         do_sample, use_cache = bool(generation_config.do_sample), generation_config.use_cache is not False
         output_scores, output_logits = bool(generation_config.output_scores), bool(generation_config.output_logits)
+        output_attentions = bool(generation_config.output_attentions)
+        output_hidden_states = bool(generation_config.output_hidden_states)
         repeat = generation_config.num_return_sequences or 1
         if repeat > 1:
             input_ids, attention_mask, pixel_values, image_masks, per_row = _repeat_rows(
@@ -425,32 +492,39 @@ class DeemGenerationMixin(GenerationMixin):
 
         cached = {}
         seq_embeds = []  # without a cache, every step runs the whole sequence so far
+        all_attentions, all_hidden = [], []
 
         def step(chunk_embeds):
             key = tuple(len(m) for m in memory)  # the memory only grows: rebuild and re-project when an image is added
             if key not in cached:
-                vision, shapes, starts = self._memory_tensors(memory, batch, device)
+                built = self._memory_tensors(memory, batch, device)
                 cached.clear()
-                cached[key] = (self.model.project_vision_states(vision) if vision is not None else None, shapes, starts)
-            vision, shapes, starts = cached[key]
+                cached[key] = self.model.project_image_memory(built) if built is not None else None
+            image_memory = cached[key]
             if not use_cache:
                 seq_embeds.append(chunk_embeds)
                 chunk_embeds = torch.cat(seq_embeds, 1)
             new = chunk_embeds.shape[1]
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
-            xmask = cross_attention_visibility(ids, starts, cfg.bos_token_id)[:, -new:] if vision is not None else None
+            xmask = None
+            if image_memory is not None:
+                xmask = cross_attention_visibility(ids, image_memory.image_starts, cfg.bos_token_id)[:, -new:]
             out = self(
                 inputs_embeds=chunk_embeds,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=cache if use_cache else None,
                 use_cache=use_cache,
-                vision_states=vision,
-                vision_spatial_shapes=shapes,
-                image_starts=starts,
+                image_memory=image_memory,
                 cross_attention_mask=xmask,
                 return_loss=False,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
             )
+            if output_attentions:
+                all_attentions.append(out.attentions)
+            if output_hidden_states:
+                all_hidden.append(out.hidden_states)
             if not use_cache:
                 hidden_history.clear()
             hidden_history.append(out.last_hidden_state)
@@ -481,7 +555,7 @@ class DeemGenerationMixin(GenerationMixin):
             ids, mask, chunk, rows = draw_rows(pending, why)
             logits[rows] = step(chunk)[rows]
         all_scores, all_logits = [], []
-        for _ in range(max_new_tokens):
+        for step_index in range(max_new_tokens):
             if output_logits:
                 all_logits.append(logits.clone())
             scores = warpers(ids, logits)
@@ -504,29 +578,41 @@ class DeemGenerationMixin(GenerationMixin):
             finished |= torch.tensor([int(t) in eos for t in token.tolist()], device=device)
             if len(criteria):
                 finished |= criteria(ids, scores).to(device)
-            logits = step(self.model.embed(token[:, None], None))
             draw = (token == cfg.soi_token_id) & ~finished
+            if not bool(draw.any()) and (bool(finished.all()) or step_index == max_new_tokens - 1):
+                break  # as GenerationMixin: no forward pass after the last token
+            logits = step(self.model.embed(token[:, None], None))
             if bool(draw.any()):
                 why = "the model emitted <|startofimage|> but has no diffusion weights; use soi='stop' or 'suppress'"
                 ids, mask, chunk, rows = draw_rows(draw, why + " for text only")
                 logits[rows] = step(chunk)[rows]
-            if bool(finished.all()):
-                break
         if streamer is not None:
             streamer.end()
+        if not return_dict:
+            count = sum(len(row) for row in drawn)
+            if count and not hasattr(streamer, "put_image"):
+                logger.warning(
+                    f"{count} drawn image(s) dropped: return_dict_in_generate=False returns the sequences only "
+                    "(pass return_dict_in_generate=True to get them in `.images`, or soi='stop' not to draw)"
+                )
+            return ids
         return DeemGenerateOutput(
             sequences=ids,
             attention_mask=mask,
             images=drawn,
             scores=tuple(all_scores) if output_scores else None,
             logits=tuple(all_logits) if output_logits else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
 
-    def _memory_tensors(self, memory, batch, device):
-        """Per-row image memory -> (vision_states [B,N,S,E], level shapes, image_starts [B,N]) or Nones."""
+    def _memory_tensors(self, memory, batch, device) -> DeemImageMemory | None:
+        """Per-row (first placeholder, four maps) lists -> the [`DeemImageMemory`] the cross-attention reads (its
+        image tokens are fed as embeddings here, so it has none); ``None`` without images."""
         n_max = max(len(m) for m in memory)
         if n_max == 0:
-            return None, None, None
+            return None
         levels = self.config.cross_attention_config.feature_levels
         first = next(m for m in memory if m)[0][1]
         shapes = [tuple(first[level].shape[-2:]) for level in levels]
@@ -538,7 +624,7 @@ class DeemGenerationMixin(GenerationMixin):
             for n, (start, maps) in enumerate(images):
                 states[b, n] = flat(maps)
                 starts[b, n] = start
-        return states, shapes, starts
+        return DeemImageMemory(vision_states=states, spatial_shapes=shapes, image_starts=starts)
 
     def _draw_images(self, pipe, rows, ids, mask, memory, drawn, hidden, gens, sampling, streamer):
         """Draw one image for each row in ``rows`` (which just fed ``<|startofimage|>``): condition on its context,
@@ -611,11 +697,19 @@ class DeemGenerationMixin(GenerationMixin):
             for level in range(4)
         ]
 
-    def prepare_inputs_for_generation(
-        self, input_ids, inputs_embeds=None, vision_states=None, image_starts=None, **kwargs
-    ):
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """The library's expansion (beam search, ``num_return_sequences``), the image memory expanded with it."""
+        memory = model_kwargs.pop("image_memory", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if memory is not None:
+            model_kwargs["image_memory"] = memory.repeat_interleave(expand_size) if expand_size > 1 else memory
+        return input_ids, model_kwargs
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_memory=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(
-            input_ids, inputs_embeds=inputs_embeds, vision_states=vision_states, image_starts=image_starts, **kwargs
+            input_ids, inputs_embeds=inputs_embeds, image_memory=image_memory, **kwargs
         )
         new = (
             inputs["inputs_embeds"].shape[1]
@@ -628,10 +722,10 @@ class DeemGenerationMixin(GenerationMixin):
             # wrapper does); the stock update only adds 1 to the last prompt position.
             positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
             inputs["position_ids"] = positions[:, -new:]
-        if vision_states is not None:
+        if image_memory is not None:
             # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
             inputs["cross_attention_mask"] = cross_attention_visibility(
-                input_ids, image_starts, self.config.bos_token_id
+                input_ids, image_memory.image_starts, self.config.bos_token_id
             )[:, -new:]
         return inputs
 

@@ -16,6 +16,7 @@ to ``reference/original-deem.md``.
 """
 
 import contextlib
+import dataclasses
 import re
 
 import torch
@@ -38,6 +39,7 @@ from .generation_deem import DeemGenerateOutput, DeemGenerationMixin, DeemStream
 from .image_decoder_deem import DeemDecoderPerceiver, DeemImageDecoder, DiffusionDraws, initialize_unless_loaded
 from .mmfs import DeemGatedCrossAttention
 from .sequence_deem import (
+    DeemImageMemory,
     _image_context_spans,
     _image_runs,
     _image_start_table,
@@ -123,6 +125,7 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         vision_spatial_shapes: list[tuple[int, int]] | None = None,
+        vision_states_projected: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
@@ -137,14 +140,14 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         if self.cross_attn is not None and vision_states is not None:
-            projected = vision_states.dim() == 5  # [B, K, N, S, E]: per cross-attention layer, already projected
-            states = vision_states[:, self.cross_index] if projected else vision_states
+            # projected: [B, K, N, S, E], each cross-attention layer's own projection (DeemImageMemory.projected)
+            states = vision_states[:, self.cross_index] if vision_states_projected else vision_states
             hidden_states = hidden_states + self.cross_attn(
                 hidden_states,
                 states,
                 cross_attention_mask,
                 spatial_shapes=vision_spatial_shapes,
-                vision_states_projected=projected,
+                vision_states_projected=vision_states_projected,
             )
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -175,6 +178,7 @@ class DeemTextModel(nn.Module):
         vision_spatial_shapes: list[tuple[int, int]] | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        vision_states_projected: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         causal_mask = create_causal_mask(
@@ -202,6 +206,7 @@ class DeemTextModel(nn.Module):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 vision_spatial_shapes=vision_spatial_shapes,
+                vision_states_projected=vision_states_projected,
                 **kwargs,
             )
             if output_attentions:
@@ -594,21 +599,34 @@ class DeemModel(DeemPreTrainedModel):
         is_soi = (input_ids == self.config.soi_token_id).unsqueeze(-1).to(embeds.dtype)
         return embeds + is_soi * self.soi_embedding.to(embeds.dtype)
 
-    def image_memory(self, enc, runs, per_row, batch: int):
-        """What the LLM's cross-attention reads: (vision_states [B,N_max,S,E], their level shapes, image_starts
-        [B,N_max] = absolute position of each image's first placeholder, -1 where a row has fewer images)."""
+    def image_memory(self, enc, runs, per_row, batch: int) -> DeemImageMemory:
+        """The [`DeemImageMemory`] of encoded images ``enc`` (one per placeholder run ``runs``, ``per_row`` of them
+        in each of the ``batch`` rows): the cross-attention's vision states [B,N_max,S,E] with their level shapes,
+        the first placeholder position of each image [B,N_max] (-1 where a row has fewer) and the image tokens
+        [B,N_max,Q,H]."""
         levels = self.config.cross_attention_config.feature_levels
         maps = enc.multiscale_features
         flat = torch.cat([maps[level].flatten(2).transpose(1, 2) for level in levels], dim=1)  # [N,S,E]
         states = pad_per_row(flat, per_row)
         shapes = [tuple(maps[level].shape[-2:]) for level in levels]
-        return states, shapes, _image_start_table(runs, batch, states.shape[1], states.device)
+        return DeemImageMemory(
+            vision_states=states,
+            spatial_shapes=shapes,
+            image_starts=_image_start_table(runs, batch, states.shape[1], states.device),
+            image_embeds=pad_per_row(enc.llm_embeds, per_row),
+        )
 
     def project_vision_states(self, vision_states: torch.Tensor) -> torch.Tensor:
-        """[B,N,S,E] -> [B,K,N,S,E]: each of the K cross-attention layers' normalised value projection, so cached
-        decoding does not redo it every step (``forward`` accepts either form as ``vision_states``)."""
+        """[B,N,S,E] -> [B,K,N,S,E]: each of the K cross-attention layers' normalised value projection."""
         layers = [layer.cross_attn for layer in self.language_model.layers if layer.cross_attn is not None]
         return torch.stack([xattn.project_vision_states(vision_states) for xattn in layers], dim=1)
+
+    def project_image_memory(self, memory: DeemImageMemory) -> DeemImageMemory:
+        """``memory`` with this model's per-layer projection of its vision states, so that cached decoding does not
+        redo it at every step."""
+        return dataclasses.replace(
+            memory, projected=self.project_vision_states(memory.vision_states), projected_by=id(self)
+        )
 
     def forward(
         self,
@@ -624,10 +642,7 @@ class DeemModel(DeemPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        image_embeds: torch.FloatTensor | None = None,
-        vision_states: torch.FloatTensor | None = None,
-        vision_spatial_shapes: list[tuple[int, int]] | None = None,
-        image_starts: torch.LongTensor | None = None,
+        image_memory: DeemImageMemory | None = None,
         cross_attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -638,10 +653,10 @@ class DeemModel(DeemPreTrainedModel):
         masks. num_images [B]: images per row (checked). ``inputs_embeds`` [B,L,H]: used as given (text only; no
         image tokens are scattered into them). ``cache`` (``past_key_values`` before transformers 5.24).
 
-        Cached decoding (what ``generate`` passes): ``image_embeds`` [B,N,Q,H] each row's encoded image tokens,
-        scattered into the placeholders ``input_ids`` holds; the image memory computed once: ``vision_states``
-        [B,N,S,E] (or projected [B,K,N,S,E]) with ``vision_spatial_shapes``, ``image_starts`` [B,N]; and the new
-        tokens' ``cross_attention_mask`` [B,L,N] (derived from ``input_ids`` when absent and nothing is cached).
+        Cached decoding (what ``generate`` passes): ``image_memory``, the [`DeemImageMemory`] of the batch's images
+        computed once (its image tokens are scattered into the placeholders ``input_ids`` holds, its vision states
+        read by the cross-attention), and the new tokens' ``cross_attention_mask`` [B,L,N] (derived from
+        ``input_ids`` when absent and nothing is cached).
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -661,7 +676,15 @@ class DeemModel(DeemPreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
         runs = per_row = None
         # the input checks are data-dependent: under compile/export they are skipped for the text path only
-        if input_ids is not None and (pixel_values is not None or image_embeds is not None or not is_tracing()):
+        if image_memory is not None:
+            if not isinstance(image_memory, DeemImageMemory):
+                raise ValueError(f"image_memory must be a DeemImageMemory, got {type(image_memory).__name__}")
+            if pixel_values is not None:
+                raise ValueError("give pixel_values or image_memory (the images already encoded), not both")
+            rows = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if image_memory.batch_size != rows:
+                raise ValueError(f"image_memory holds {image_memory.batch_size} rows, the batch has {rows}")
+        if input_ids is not None and (pixel_values is not None or image_memory is not None or not is_tracing()):
             runs, per_row = check_sequence_inputs(
                 cfg,
                 input_ids,
@@ -670,30 +693,29 @@ class DeemModel(DeemPreTrainedModel):
                 image_masks,
                 num_images,
                 past_len,
-                images_encoded=pixel_values is None and (vision_states is not None or image_embeds is not None),
+                images_encoded=image_memory is not None,
             )
         elif input_ids is None and pixel_values is not None:
             raise ValueError("pixel_values need input_ids (the placeholders say where the images go)")
 
-        enc = None
+        enc = image_embeds = None
+        memory = image_memory
         if pixel_values is not None:
-            image_embeds = None
             if pixel_values.shape[0] > 0:
                 enc = self.image_encoder(_as_dtype(pixel_values, self.dtype), image_masks)
                 image_embeds = enc.llm_embeds
-                vision_states, vision_spatial_shapes, image_starts = self.image_memory(
-                    enc, runs, per_row, input_ids.shape[0]
-                )
+                memory = self.image_memory(enc, runs, per_row, input_ids.shape[0])
                 cross_attention_mask = None
-        elif image_embeds is not None and per_row is not None:
-            image_embeds = unpad_per_row(image_embeds, per_row)
+        elif memory is not None and memory.image_embeds is not None and per_row is not None:
+            image_embeds = unpad_per_row(memory.image_embeds, per_row)
+        vision_states, projected = memory.states_for(self) if memory is not None else (None, False)
         if vision_states is not None and cross_attention_mask is None:
-            if input_ids is None or image_starts is None or past_len:
+            if input_ids is None or past_len:
                 raise ValueError(
-                    "cached decoding with vision_states needs the new tokens' cross_attention_mask "
+                    "cached decoding with an image_memory needs the new tokens' cross_attention_mask "
                     "(generate() passes it)"
                 )
-            cross_attention_mask = cross_attention_visibility(input_ids, image_starts, cfg.bos_token_id)
+            cross_attention_mask = cross_attention_visibility(input_ids, memory.image_starts, cfg.bos_token_id)
         if cross_attention_mask is not None and vision_states is not None:
             cross_attention_mask = cross_attention_mask.to(vision_states.dtype)
 
@@ -714,9 +736,10 @@ class DeemModel(DeemPreTrainedModel):
             bool(use_cache),
             vision_states,
             cross_attention_mask,
-            vision_spatial_shapes=vision_spatial_shapes,
+            vision_spatial_shapes=memory.spatial_shapes if memory is not None else None,
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
+            vision_states_projected=projected,
             **kwargs,
         )
         out = DeemModelOutputWithPast(
@@ -824,6 +847,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
     def project_vision_states(self, vision_states: torch.Tensor) -> torch.Tensor:
         return self.model.project_vision_states(vision_states)
 
+    def project_image_memory(self, memory: DeemImageMemory) -> DeemImageMemory:
+        return self.model.project_image_memory(memory)
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -851,10 +877,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        image_embeds: torch.FloatTensor | None = None,
-        vision_states: torch.FloatTensor | None = None,
-        vision_spatial_shapes: list[tuple[int, int]] | None = None,
-        image_starts: torch.LongTensor | None = None,
+        image_memory: DeemImageMemory | None = None,
         cross_attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -911,10 +934,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             output_hidden_states=output_hidden_states,
             return_dict=True,
             inputs_embeds=inputs_embeds,
-            image_embeds=image_embeds,
-            vision_states=vision_states,
-            vision_spatial_shapes=vision_spatial_shapes,
-            image_starts=image_starts,
+            image_memory=image_memory,
             cross_attention_mask=cross_attention_mask,
             past_key_values=past_key_values,
             **kwargs,
@@ -1206,6 +1226,7 @@ __all__ = [
     "DeemGenerateOutput",
     "DeemDecoderPerceiver",
     "DeemImageDecoder",
+    "DeemImageMemory",
     "DeemModel",
     "DeemModelOutputWithPast",
     "DeemOutput",

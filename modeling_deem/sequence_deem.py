@@ -2,10 +2,69 @@
 are, which images a token may see (its document starts at the nearest ``<s>``), where each image's decoder
 context starts, which tokens are supervised, and the next-token loss."""
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 
 from .configuration_deem import DeemConfig
+
+
+@dataclass
+class DeemImageMemory:
+    """The images of a batch as the LLM reads them, computed once (by ``DeemModel.image_memory``) and reused at
+    every decoding step: ``generate`` passes it to ``forward`` as ``image_memory``.
+
+    ``vision_states`` [B, N, S, E]: each row's images as the gated cross-attention reads them (the flattened
+    multi-scale maps, zeros past a row's images); ``spatial_shapes``: the (h, w) of those levels;
+    ``image_starts`` [B, N]: absolute position of each image's first placeholder (-1 where a row has fewer images);
+    ``image_embeds`` [B, N, Q, H]: each row's image tokens, scattered into the placeholders of the ``input_ids``
+    a forward is given (``None`` when they are embedded already); ``projected`` [B, K, N, S, E]: the value
+    projection of ``vision_states`` by each of the K cross-attention layers of the model ``projected_by`` (an
+    ``id``), made once by ``DeemModel.project_image_memory`` so that decoding does not redo it; another model (an
+    assistant) reads ``vision_states`` instead.
+    """
+
+    vision_states: torch.Tensor
+    spatial_shapes: list[tuple[int, int]]
+    image_starts: torch.Tensor
+    image_embeds: torch.Tensor | None = None
+    projected: torch.Tensor | None = None
+    projected_by: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.image_starts.shape[0]
+
+    def _map(self, fn) -> "DeemImageMemory":
+        keep = lambda t: None if t is None else fn(t)  # noqa: E731
+        return replace(
+            self,
+            vision_states=fn(self.vision_states),
+            image_starts=fn(self.image_starts),
+            image_embeds=keep(self.image_embeds),
+            projected=keep(self.projected),
+        )
+
+    def repeat_interleave(self, repeats: int) -> "DeemImageMemory":
+        """Each row ``repeats`` times in a row (beam search, ``num_return_sequences``)."""
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def select(self, rows: torch.Tensor) -> "DeemImageMemory":
+        """The memory of ``rows`` only."""
+        return self._map(lambda t: t[rows.to(t.device)])
+
+    def to(self, *args, **kwargs) -> "DeemImageMemory":
+        """Floating tensors follow ``Tensor.to(*args, **kwargs)``; ``image_starts`` moves device only."""
+        moved = self._map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else t)
+        device = moved.vision_states.device
+        return replace(moved, image_starts=self.image_starts.to(device))
+
+    def states_for(self, model) -> tuple[torch.Tensor, bool]:
+        """(what ``model``'s cross-attention layers read, whether it is already projected per layer)."""
+        if self.projected is not None and self.projected_by == id(model):
+            return self.projected, True
+        return self.vision_states, False
 
 
 def _image_runs(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int, int]]:

@@ -1,5 +1,7 @@
 """Text generation through the stock GenerationMixin: parity with a plain LLaMA, cached = uncached with images."""
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
@@ -472,25 +474,39 @@ def test_projected_vision_states_give_the_same_logits(model):
         from deem.modeling.modeling_deem import _image_runs
 
         runs = _image_runs(batch["input_ids"], cfg.image_token_id)
-        states, shapes, starts = model.model.image_memory(enc, runs, batch["num_images"], 2)
-        from deem.modeling.sequence_deem import pad_per_row
+        memory = model.model.image_memory(enc, runs, batch["num_images"], 2)
+        from deem.modeling.sequence_deem import DeemImageMemory, pad_per_row
 
-        per_row_tokens = pad_per_row(enc.llm_embeds, batch["num_images"])  # [B, N, Q, H]
-        projected = model.project_vision_states(states)
-        assert projected.shape[:2] == (
+        assert isinstance(memory, DeemImageMemory) and memory.projected is None
+        assert torch.equal(memory.image_embeds, pad_per_row(enc.llm_embeds, batch["num_images"]))  # [B, N, Q, H]
+        projected = model.project_image_memory(memory)
+        assert projected.projected.shape[:2] == (
             2,
             len(range(0, cfg.text_config.num_hidden_layers, cfg.cross_attention_config.frequency)),
         )
-        again = model(
-            input_ids=batch["input_ids"],
-            image_embeds=per_row_tokens,
-            attention_mask=batch["attention_mask"],
-            vision_states=projected,
-            vision_spatial_shapes=shapes,
-            image_starts=starts,
-            return_loss=False,
+        assert projected.projected_by == id(model.model)
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_loss=False)
+        for given in (memory, projected):  # raw states projected by each layer, or the projection made once
+            again = model(**kw, image_memory=given)
+            torch.testing.assert_close(again.logits, full.logits, atol=1e-5, rtol=1e-5)
+        # another model (an assistant) never reads this model's projection
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for layer in other.model.language_model.layers:
+                if layer.cross_attn is not None:
+                    layer.cross_attn.gate.fill_(0.5)
+        assert projected.states_for(other.model)[1] is False
+        torch.testing.assert_close(
+            other(**kw, image_memory=projected).logits, other(**kw, image_memory=memory).logits, atol=1e-6, rtol=1e-6
         )
-    torch.testing.assert_close(again.logits, full.logits, atol=1e-5, rtol=1e-5)
+        # one object, checked before any work
+        with pytest.raises(ValueError, match="not both"):
+            model(**kw, pixel_values=batch["pixel_values"], image_memory=memory)
+        with pytest.raises(ValueError, match="holds 1 rows"):
+            model(**kw, image_memory=memory.select(torch.tensor([0])))
+        with pytest.raises(ValueError, match="DeemImageMemory"):
+            model(**kw, image_memory=(memory.vision_states,))
+        assert memory.repeat_interleave(3).image_embeds.shape[0] == 6
 
 
 def test_too_many_images_for_the_cross_attention_is_refused_before_work(model):
@@ -509,3 +525,93 @@ def test_interleaved_image_size_is_set_by_the_call(model):
         ids, num_inference_steps=2, height=48, width=48, generator=[torch.Generator().manual_seed(0)]
     )
     assert images[0].shape == (3, 48, 48) and 0 <= float(images[0].min()) and float(images[0].max()) <= 1
+
+
+def test_default_soi_draws_when_the_images_can_be_returned(model, caplog):
+    """soi=None: a plain call returns token ids (``<|startofimage|>`` ends the row, as soi='stop'); with
+    return_dict_in_generate=True the model draws (as soi='draw'); beam search falls back to 'stop' with a warning;
+    a model without diffusion weights never draws."""
+    from transformers import LogitsProcessorList
+    from transformers.utils import logging as hf_logging
+
+    from deem.modeling.generation_deem import DeemGenerateOutput
+
+    cfg = model.config
+    ids = torch.tensor([_prompts(cfg, 21)[0]])
+    kw = dict(input_ids=ids, max_new_tokens=5, eos_token_id=-5, do_sample=False)
+
+    def force():
+        return LogitsProcessorList([ForceSoiAt(cfg.soi_token_id, ids.shape[1], [(0, 1)])])
+
+    plain = model.generate(**kw, logits_processor=force())
+    stop = model.generate(**kw, logits_processor=force(), soi="stop")
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, stop)
+    assert plain[0, -1].item() == cfg.soi_token_id and plain.shape[1] == ids.shape[1] + 2  # the row ended there
+
+    seeded = dict(num_inference_steps=2)  # drawing noise from the global generator, seeded before each call
+    torch.manual_seed(0)
+    drawn = model.generate(**kw, logits_processor=force(), return_dict_in_generate=True, **seeded)
+    torch.manual_seed(0)
+    explicit = model.generate(**kw, logits_processor=force(), soi="draw", **seeded)
+    # an argument only drawing reads says "draw" too, and then the images come back
+    torch.manual_seed(0)
+    asked = model.generate(**kw, logits_processor=force(), **seeded)
+    assert isinstance(asked, DeemGenerateOutput) and torch.equal(asked.images[0][0], explicit.images[0][0])
+    assert isinstance(drawn, DeemGenerateOutput) and len(drawn.images[0]) == 1
+    assert torch.equal(drawn.sequences, explicit.sequences) and torch.equal(drawn.images[0][0], explicit.images[0][0])
+    assert drawn.sequences.shape[1] == ids.shape[1] + 5 + cfg.num_image_tokens  # text goes on after the image
+
+    hf_logging.get_logger("transformers_modules")  # the warning goes through transformers' logging
+    with caplog.at_level("WARNING"):
+        bare = model.generate(
+            **kw, logits_processor=force(), soi="draw", return_dict_in_generate=False, num_inference_steps=2
+        )
+    assert torch.equal(bare, drawn.sequences) and "dropped" in caplog.text
+
+    beams = model.generate(**kw, logits_processor=force(), num_beams=2, return_dict_in_generate=True)
+    beams_stop = model.generate(**kw, logits_processor=force(), num_beams=2, return_dict_in_generate=True, soi="stop")
+    assert not isinstance(beams, DeemGenerateOutput) and torch.equal(beams.sequences, beams_stop.sequences)
+
+    text_only = tiny_model(seed=11, use_diffusion=False)
+    out = text_only.generate(**kw, logits_processor=force(), return_dict_in_generate=True)
+    assert not isinstance(out, DeemGenerateOutput) and out.sequences[0, -1].item() == cfg.soi_token_id
+
+
+def test_draw_mode_dict_output_matches_the_library_without_images(model):
+    """With no <|startofimage|> emitted, the interleaved loop returns what GenerationMixin returns: the same
+    sequences, scores, logits, per-step attentions / hidden states and a cache of the same length."""
+    from deem.modeling.compat import CACHE_FIELD
+
+    cfg = model.config
+    eager = tiny_model(seed=11, attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    rows = _prompts(cfg, 22)[:2]
+    ids, mask = _left_pad(rows, cfg.pad_token_id)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=4,
+        eos_token_id=-5,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        output_attentions=True,
+        output_hidden_states=True,
+        suppress_tokens=[cfg.soi_token_id],
+    )
+    lib = eager.generate(**kw, soi="suppress")
+    ours = eager.generate(**kw, soi="draw", max_new_images=0)
+    assert torch.equal(ours.sequences, lib.sequences) and ours.images == [[], []]
+    for field in ("scores", "logits"):
+        assert len(getattr(ours, field)) == len(getattr(lib, field)) == 4
+        for a, b in zip(getattr(ours, field), getattr(lib, field)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for field in ("attentions", "hidden_states"):
+        assert len(getattr(ours, field)) == len(getattr(lib, field))
+        for step_ours, step_lib in zip(getattr(ours, field), getattr(lib, field)):
+            assert len(step_ours) == len(step_lib)
+            for a, b in zip(step_ours, step_lib):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert getattr(ours, CACHE_FIELD).get_seq_length() == getattr(lib, CACHE_FIELD).get_seq_length()

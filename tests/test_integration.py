@@ -159,3 +159,17 @@ def test_checkpoints_from_before_the_split_still_load(saved, tmp_path):
     loaded = DeemForInterleavedGeneration.from_pretrained(old, strict=True)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+
+
+def test_checkpoints_with_the_null_condition_on_the_image_decoder_still_load(saved, tmp_path):
+    """Between the split and the pipeline rework the null condition was ``image_decoder.null_condition``."""
+    from deem import DeemForInterleavedGeneration
+
+    path, model = saved
+    old = tmp_path / "mid"
+    model.save_pretrained(old)
+    weights = load_file(old / "model.safetensors")
+    weights["image_decoder.null_condition"] = weights.pop("image_decoder.decoder_perceiver.null_condition")
+    save_file(weights, old / "model.safetensors", metadata={"format": "pt"})
+    loaded = DeemForInterleavedGeneration.from_pretrained(old, strict=True)
+    assert torch.equal(loaded.image_decoder.null_condition, model.image_decoder.null_condition)
