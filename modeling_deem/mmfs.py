@@ -250,12 +250,13 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: Sequence | None = None,
         reference_points: torch.Tensor | None = None,
         values_projected: bool = False,
-    ) -> torch.Tensor:
+        output_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """query [N, Lq, d_query]; values [N, n_img, S, d_value] (or ``project_values`` output with
         ``values_projected=True``); image_mask [N, n_img] or [N, Lq', n_img] (1 = visible; a 3-D mask with
         Lq' != Lq contributes its last row); spatial_shapes: actual ``(h_l, w_l)`` of the flattened levels (default
         the configured ones); reference_points [Lq, 2] or [N, Lq, 2] (x, y in [0, 1], default the centre)
-        -> [N, Lq, d_out]."""
+        -> [N, Lq, d_out]; with ``output_weights`` also the sampling weights [N, heads, Lq, n_img, levels, points]."""
         n, lq, _ = query.shape
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
         shapes = self.spatial_shapes if spatial_shapes is None else tuple(_as_hw(s) for s in spatial_shapes)
@@ -307,7 +308,10 @@ class MultiScaleDeformableAttention(nn.Module):
         value = value.reshape(n, n_img, seq, heads, self.head_dim).permute(0, 1, 3, 4, 2)
         sampled = deformable_sampling(value, shapes, reference_points, offsets, factors, weights)
         # 9. the sink contributes zero
-        return self.output_proj(sampled)
+        out = self.output_proj(sampled)
+        if output_weights:
+            return out, weights.permute(0, 3, 4, 1, 2, 5)  # [N, heads, Lq, n_img, levels, points]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,11 +370,13 @@ class DeemGatedCrossAttention(nn.Module):
         cross_attention_mask: torch.Tensor,
         spatial_shapes: Sequence | None = None,
         vision_states_projected: bool = False,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """hidden_states [B, L, H]; vision_states [B, n_img, S, image_embed_dim] (c3, c4, c5 flattened and
         concatenated; ``spatial_shapes`` their sides, default the configured ones); cross_attention_mask
         [B, L', n_img] (L' = L, or any length during cached decoding: its last row is used) or [B, n_img]
-        -> residual [B, L, H]."""
+        -> residual [B, L, H]; with ``output_attentions`` also the sampling weights
+        [B, heads, L, n_img, levels, points]."""
         value = vision_states if vision_states_projected else self.project_vision_states(vision_states)
         out = self.attn(
             self.norm_query(hidden_states),
@@ -378,8 +384,13 @@ class DeemGatedCrossAttention(nn.Module):
             cross_attention_mask,
             spatial_shapes=spatial_shapes,
             values_projected=True,
+            output_weights=output_attentions,
         )
-        return out * torch.tanh(self.gate).to(out.dtype)
+        weights = None
+        if output_attentions:
+            out, weights = out
+        out = out * torch.tanh(self.gate).to(out.dtype)
+        return (out, weights) if output_attentions else out
 
 
 def build_cross_attention_mask(

@@ -65,6 +65,9 @@ DeemOutput = model_output_class(
     before). ``hidden_states`` / ``attentions``: per layer, with ``output_hidden_states`` / ``output_attentions``.
     ``image_embeds``: [N,Q,H] image tokens given to the LLM. ``image_features``: the four multi-scale
     encoder maps [N,E,h,w]. ``last_hidden_state``: [B,L,H] final-norm LLM states (the image decoder's context).
+    ``cross_attentions``: with ``output_attentions``, per cross-attention layer (when images are read) the
+    deformable attention's sampling weights [B, heads, L, n_img, levels, points] (softmax over images x levels x
+    points and a null sink, so a row sums to at most 1).
     """,
     [
         ("loss", torch.FloatTensor | None),
@@ -78,6 +81,7 @@ DeemOutput = model_output_class(
         ("last_hidden_state", torch.FloatTensor | None),
         ("image_embeds", torch.FloatTensor | None),
         ("image_features", tuple[torch.FloatTensor, ...] | None),
+        ("cross_attentions", tuple[torch.FloatTensor, ...] | None),
     ],
 )
 
@@ -87,7 +91,8 @@ DeemModelOutputWithPast = model_output_class(
     __name__,
     """Output of [`DeemModel.forward`]: ``last_hidden_state`` [B,L,H] (final norm), ``cache``, ``hidden_states`` /
     ``attentions`` per layer when asked, the prompt images' ``image_embeds`` [N,Q,H], ``image_features`` (the four
-    multi-scale maps [N,E,h,w]) and the whole ``image_encoder_output`` (what the diffusion losses read).""",
+    multi-scale maps [N,E,h,w]) and the whole ``image_encoder_output`` (what the diffusion losses read);
+    ``cross_attentions`` as in [`DeemOutput`].""",
     [
         ("last_hidden_state", torch.FloatTensor | None),
         ("cache", Cache | None),
@@ -96,6 +101,7 @@ DeemModelOutputWithPast = model_output_class(
         ("image_embeds", torch.FloatTensor | None),
         ("image_features", tuple[torch.FloatTensor, ...] | None),
         ("image_encoder_output", object),
+        ("cross_attentions", tuple[torch.FloatTensor, ...] | None),
     ],
 )
 
@@ -126,8 +132,9 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         vision_spatial_shapes: list[tuple[int, int]] | None = None,
         vision_states_projected: bool = False,
+        output_attentions: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, attn_weights = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -139,19 +146,24 @@ class DeemDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
+        cross_weights = None
         if self.cross_attn is not None and vision_states is not None:
             # projected: [B, K, N, S, E], each cross-attention layer's own projection (DeemImageMemory.projected)
             states = vision_states[:, self.cross_index] if vision_states_projected else vision_states
-            hidden_states = hidden_states + self.cross_attn(
+            update = self.cross_attn(
                 hidden_states,
                 states,
                 cross_attention_mask,
                 spatial_shapes=vision_spatial_shapes,
                 vision_states_projected=vision_states_projected,
+                output_attentions=output_attentions,
             )
+            if output_attentions:
+                update, cross_weights = update
+            hidden_states = hidden_states + update
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states, attn_weights
+        return residual + hidden_states, attn_weights, cross_weights
 
 
 class DeemTextModel(nn.Module):
@@ -192,11 +204,12 @@ class DeemTextModel(nn.Module):
         hidden_states = inputs_embeds
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        all_cross = () if output_attentions and vision_states is not None else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             # tensors that carry gradients go positionally: reentrant checkpointing re-attaches only those
-            hidden_states, attn_weights = layer(
+            hidden_states, attn_weights, cross_weights = layer(
                 hidden_states,
                 vision_states,
                 cross_attention_mask,
@@ -207,14 +220,17 @@ class DeemTextModel(nn.Module):
                 position_embeddings=position_embeddings,
                 vision_spatial_shapes=vision_spatial_shapes,
                 vision_states_projected=vision_states_projected,
+                output_attentions=output_attentions,
                 **kwargs,
             )
             if output_attentions:
                 all_attentions += (attn_weights,)
+                if all_cross is not None and layer.cross_attn is not None:
+                    all_cross += (cross_weights,)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
-        return hidden_states, all_hidden, all_attentions
+        return hidden_states, all_hidden, all_attentions, all_cross
 
 
 class DeemTextHead(nn.Module):
@@ -728,7 +744,7 @@ class DeemModel(DeemPreTrainedModel):
             position_ids = torch.arange(past_len, past_len + length, device=inputs_embeds.device)[None].expand(
                 batch, -1
             )
-        hidden, all_hidden, all_attentions = self.language_model(
+        hidden, all_hidden, all_attentions, all_cross = self.language_model(
             inputs_embeds,
             attention_mask,
             position_ids,
@@ -749,6 +765,7 @@ class DeemModel(DeemPreTrainedModel):
             image_embeds=image_embeds if enc is not None else None,
             image_features=tuple(enc.multiscale_features) if enc is not None else None,
             image_encoder_output=enc,
+            cross_attentions=all_cross,
             **{CACHE_FIELD: cache if use_cache else None},
         )
         return out if return_dict else out.to_tuple()
@@ -986,6 +1003,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             last_hidden_state=hidden,
             image_embeds=outputs.image_embeds,
             image_features=outputs.image_features,
+            cross_attentions=outputs.cross_attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return out if return_dict else out.to_tuple()

@@ -98,6 +98,25 @@ def test_output_attentions_needs_eager_and_returns_per_layer_weights(batch):
     torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, heads, length))  # rows are distributions
     # causal: nothing attends to the future (row 0 has no padding)
     assert torch.all(out.attentions[1][0].triu(1) == 0)
+    # the gated cross-attention's sampling weights, one entry per cross-attention layer
+    from deem.modeling.modeling_deem import _image_runs
+    from deem.modeling.sequence_deem import _image_start_table, cross_attention_visibility
+
+    xcfg = cfg.cross_attention_config
+    n_cross = len([i for i in range(layers) if i % xcfg.frequency == 0])
+    runs = _image_runs(batch["input_ids"], cfg.image_token_id)
+    n_img = int(batch["num_images"].max())
+    starts = _image_start_table(runs, 2, n_img, "cpu")
+    visible = cross_attention_visibility(batch["input_ids"], starts, cfg.bos_token_id)  # [B, L, N]
+    assert out.cross_attentions is not None and len(out.cross_attentions) == n_cross
+    for weights in out.cross_attentions:
+        assert weights.shape == (2, xcfg.num_heads, length, n_img, len(xcfg.feature_levels), xcfg.num_points)
+        assert bool((weights >= 0).all()) and bool((weights.sum((-3, -2, -1)) <= 1 + 1e-5).all())
+        hidden = ~visible[:, None, :, :, None, None].expand_as(weights)
+        assert float(weights[hidden].abs().max()) < 1e-6  # an image a token may not see gets no weight
+        assert float(weights[~hidden].sum()) > 0
+    with torch.no_grad():
+        assert eager(**batch, return_loss=False).cross_attentions is None
     gen = eager.generate(
         **batch,
         max_new_tokens=2,
