@@ -356,7 +356,7 @@ def test_sft_trainer_trl_stage2(tmp_path):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
         disable_tqdm=True,
         lr_scheduler_type="constant",
