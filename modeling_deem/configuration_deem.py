@@ -278,6 +278,18 @@ class DeemConfig(PretrainedConfig):
             ]
         self.validate_sizes()
 
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As ``PretrainedConfig.from_dict``, but a config of another model type is refused (the library only warns,
+        then builds a default-sized DEEM that matches nothing in the folder)."""
+        found = config_dict.get("model_type") if isinstance(config_dict, dict) else None
+        if found is not None and found != cls.model_type:
+            raise ValueError(
+                f"this folder holds a config with model_type {found!r}, which is not a DEEM model "
+                f"(model_type {cls.model_type!r}); load it with its own class, or point to a DEEM checkpoint"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def vocab_size(self) -> int:
         return self.text_config.vocab_size

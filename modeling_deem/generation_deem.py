@@ -23,7 +23,13 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
 from .compat import CACHE_FIELD
-from .sequence_deem import DeemImageMemory, check_sequence_inputs, cross_attention_visibility, left_align
+from .sequence_deem import (
+    DeemImageMemory,
+    check_sequence_inputs,
+    check_token_ids,
+    cross_attention_visibility,
+    left_align,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -294,6 +300,20 @@ class DeemGenerationMixin(GenerationMixin):
         (without ``<s>``), the same for every row. Returns [B, num_options]: the summed log-probabilities of the
         option tokens. Every image is encoded once per row (the original encoded only a mini-batch's first, B18)."""
         cfg = self.config
+        check_token_ids(cfg, input_ids)
+        if isinstance(options, torch.Tensor):
+            options = options.tolist()
+        if not isinstance(options, (list, tuple)) or not options:
+            raise ValueError(f"options must be a non-empty list of token-id lists, got {options!r}")
+        for i, option in enumerate(options):
+            if isinstance(option, torch.Tensor):
+                option = option.tolist()
+            if not isinstance(option, (list, tuple)) or not option:
+                raise ValueError(f"options[{i}] must be a non-empty list of token ids, got {option!r}")
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in option):
+                raise TypeError(f"options[{i}] must hold integer token ids, got {option!r}")
+            check_token_ids(cfg, torch.tensor(option), f"options[{i}]")
+        options = [list(o.tolist() if isinstance(o, torch.Tensor) else o) for o in options]
         batch, n_opt = input_ids.shape[0], len(options)
         width = max(len(o) for o in options)
         if attention_mask is None:

@@ -43,7 +43,9 @@ from .sequence_deem import (
     _image_context_spans,
     _image_runs,
     _image_start_table,
+    check_pixels,
     check_sequence_inputs,
+    check_token_ids,
     cross_attention_visibility,
     default_labels,
     next_token_loss,
@@ -310,14 +312,17 @@ class DeemTextHead(nn.Module):
 
 def check_decoder_views(config: DeemConfig, pixel_values, pixel_values_decoder):
     """The decoder views of the diffusion losses: one [3,D,D] float view per image, D the decoder resolution."""
+    if pixel_values is not None:
+        check_pixels(pixel_values, "pixel_values")
     if pixel_values_decoder is None:
         return
+    check_pixels(pixel_values_decoder, "pixel_values_decoder")
     if pixel_values is None or pixel_values_decoder.shape[0] != pixel_values.shape[0]:
-        raise ValueError("pixel_values_decoder must hold one decoder view per image in pixel_values")
-    if pixel_values_decoder.dim() != 4 or pixel_values_decoder.shape[1] != 3:
-        raise ValueError(f"pixel_values_decoder must be [N,3,H,W], got shape {tuple(pixel_values_decoder.shape)}")
-    if not pixel_values_decoder.is_floating_point():
-        raise TypeError(f"pixel_values_decoder must be a floating tensor in [0,1], got {pixel_values_decoder.dtype}")
+        given = "no pixel_values" if pixel_values is None else f"{pixel_values.shape[0]} image(s) in pixel_values"
+        raise ValueError(
+            f"pixel_values_decoder must hold one decoder view per image: {pixel_values_decoder.shape[0]} view(s) for "
+            f"{given}"
+        )
     side = config.diffusion_config.image_size if config.diffusion_config is not None else None
     if side is not None and tuple(pixel_values_decoder.shape[-2:]) != (side, side):
         raise ValueError(f"pixel_values_decoder must be {side}x{side}, got {tuple(pixel_values_decoder.shape[-2:])}")
@@ -910,12 +915,20 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         cfg = self.config
         return_dict = return_dict if return_dict is not None else cfg.return_dict
         if input_ids is not None:
-            if labels is not None and labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
-                )
+            if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+                got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels shape {got} does not match input_ids shape {tuple(input_ids.shape)}")
+            if labels is not None:
+                check_token_ids(cfg, labels, "labels", allow_ignore=True)
         elif labels is not None:
             raise ValueError("labels need input_ids")
+        for name, value in (
+            ("loss_ntp_weight", loss_ntp_weight),
+            ("loss_nip_weight", loss_nip_weight),
+            ("loss_csr_weight", loss_csr_weight),
+        ):
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0 and value == value):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if return_loss is None:
             return_loss = self.training or labels is not None
         w_ntp = cfg.loss_ntp_weight if loss_ntp_weight is None else loss_ntp_weight
@@ -937,6 +950,14 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
                     "weights to 0 to train text only"
                 )
             want_diffusion = False
+        if want_diffusion:  # given draws must fit these images before any work
+            n = pixel_values.shape[0]
+            latent = self.config.diffusion_config.latent_size
+            latent_shape = (self.image_decoder.unet.config.in_channels, latent, latent)
+            steps = self.noise_scheduler.config.num_train_timesteps
+            for name, draws in (("csr_draws", csr_draws), ("nip_draws", nip_draws)):
+                if draws is not None:
+                    DiffusionDraws.check(draws, name, n, latent_shape, steps)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -1020,6 +1041,16 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         distribution. ``pixel_values`` [N,3,S,S], ``pixel_values_decoder`` [N,3,D,D] in [0,1] -> [N]."""
         if not self.has_diffusion:
             raise ValueError("perception_consistency needs the diffusion decoder (this model has no diffusion weights)")
+        self._check_eyes_inputs("perception_consistency", pixel_values, pixel_values_decoder, image_masks)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = list(timesteps) if isinstance(timesteps, (list, tuple, range)) else timesteps
+        if not isinstance(timesteps, list) or not timesteps:
+            raise ValueError(f"timesteps must be a non-empty list of integers in [0, {steps}), got {timesteps!r}")
+        for t in timesteps:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < steps:
+                raise ValueError(f"timesteps must be integers in [0, {steps}), got {t!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         enc = self.model.image_encoder(pixel_values.to(self.dtype), image_masks)
         posterior = self.image_decoder.encode_latents(pixel_values_decoder)
         condition = self.model.image_encoder.diffusion_condition(enc.perceiver_output)
@@ -1046,6 +1077,17 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             )
         return torch.stack(per_image).mean(0)
 
+    def _check_eyes_inputs(self, caller: str, pixel_values, pixel_values_decoder, image_masks):
+        """One encoder view and one decoder view per image, in [0, 1], at the decoder's resolution."""
+        check_pixels(pixel_values, "pixel_values")
+        if pixel_values.shape[0] == 0:
+            raise ValueError(f"{caller} needs at least one image, got an empty pixel_values")
+        if pixel_values_decoder is None:
+            raise ValueError(f"{caller} needs pixel_values_decoder (one decoder view per image)")
+        check_decoder_views(self.config, pixel_values, pixel_values_decoder)
+        if image_masks is not None:
+            check_pixels(image_masks, "image_masks", channels=1)
+
     @contextlib.contextmanager
     def test_time_adaptation(
         self,
@@ -1063,6 +1105,15 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
         not changed (the original's disabled version also moved the diffusion model, B8)."""
         if not self.has_diffusion:
             raise ValueError("test-time adaptation needs the diffusion decoder (this model has no diffusion weights)")
+        self._check_eyes_inputs("test_time_adaptation", pixel_values, pixel_values_decoder, image_masks)
+        total = self.noise_scheduler.config.num_train_timesteps
+        for name, value, low in (("steps", steps, 0), ("samples", samples, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if samples > total:
+            raise ValueError(f"samples must be at most the scheduler's {total} timesteps, got {samples}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or lr != lr or lr == float("inf"):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         saved = {k: v.detach().clone() for k, v in self.model.image_encoder.state_dict().items()}
         flags = {n: p.requires_grad for n, p in self.named_parameters()}
         was_training = self.training

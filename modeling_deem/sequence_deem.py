@@ -142,6 +142,55 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_bat
     return total / torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
 
 
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_token_ids(config: DeemConfig, ids, name: str = "input_ids", allow_ignore: bool = False) -> None:
+    """Integer ids the model can embed: 0 <= id < vocab (``-100`` too with ``allow_ignore``, for labels)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        return
+    vocab = config.text_config.vocab_size
+    values = ids[ids != -100] if allow_ignore else ids
+    if values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab:
+        allowed = f"[0, {vocab})" + (" or -100 (ignored)" if allow_ignore else "")
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds id {bad}, outside the model's vocabulary {allowed}")
+
+
+def check_pixels(pixels, name: str, channels: int = 3) -> None:
+    """A float [N, C, H, W] image batch with finite values in [0, 1] (the model normalises them itself)."""
+    if not isinstance(pixels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(pixels).__name__}")
+    if pixels.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D [N, {channels}, H, W] tensor, got shape {tuple(pixels.shape)}")
+    if pixels.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s), got {pixels.shape[1]} (shape {tuple(pixels.shape)})")
+    if not pixels.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor in [0, 1], got dtype {pixels.dtype} (divide 0-255 images by 255 "
+            "or use the processor)"
+        )
+    if pixels.numel() == 0:
+        return
+    if not bool(torch.isfinite(pixels).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < -1e-4 or high > 1 + 1e-4:
+        if low < -1e-4:
+            hint = " (already normalised? give [0, 1] pixels, the model normalises them itself)"
+        else:
+            hint = " (0-255 data: divide by 255)" if high > 1.5 else ""
+        raise ValueError(f"{name} must be in [0, 1], got values from {low:.4g} to {high:.4g}{hint}")
+
+
 def check_sequence_inputs(
     config: DeemConfig,
     input_ids,
@@ -156,8 +205,23 @@ def check_sequence_inputs(
 
     ``images_encoded``: the images come already encoded (``image_embeds`` / ``vision_states``), so no
     ``pixel_values`` are expected for the placeholders."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    check_token_ids(config, input_ids)
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if attention_mask.dim() == 2 and attention_mask.numel():
+            if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
+                raise ValueError("attention_mask holds NaN or infinite values")
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("a 2-D attention_mask must hold 0 (padding) and 1 (token) only")
+    if pixel_values is not None:
+        check_pixels(pixel_values, "pixel_values")
+    if image_masks is not None:
+        check_pixels(image_masks, "image_masks", channels=1)
     max_len = config.text_config.max_position_embeddings
     total = past_len + input_ids.shape[1]
     if total > max_len:
@@ -192,6 +256,11 @@ def check_sequence_inputs(
     if n_images != n_given and not images_encoded:
         raise ValueError(
             f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values"
+        )
+    if num_images is not None and tuple(torch.as_tensor(num_images).shape) not in ((input_ids.shape[0],),):
+        raise ValueError(
+            f"num_images must hold one count per row ({input_ids.shape[0]}), "
+            f"got {_describe(torch.as_tensor(num_images))}"
         )
     if num_images is not None and not torch.equal(torch.as_tensor(num_images).cpu().long(), per_row):
         raise ValueError(

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_deem import DeemConfig, DeemPerceiverConfig, DeemVisionConfig
 from .pos_embed import resize_table, sincos_2d
+from .sequence_deem import check_pixels
 
 __all__ = [
     "DeemConvNextBackbone",
@@ -30,7 +31,7 @@ __all__ = [
     "DeemImageEncoderOutput",
 ]
 
-STRIDE = 32  # total downsampling of the ConvNeXt trunk; input sides must be multiples of it
+STRIDE = 32  # total downsampling of the ConvNeXt trunk; input sides must be at least this
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,7 +387,8 @@ class DeemImageEncoderOutput(ModelOutput):
 class DeemImageEncoder(nn.Module):
     """Image -> LLM image tokens + multi-scale maps (§2.2.3 steps 1, 3-11, 14; the SD-side CSR lives elsewhere).
 
-    Input sides: the configured ``image_size`` or any other square size that is a multiple of 32; the sin-cos table
+    Input sides: the configured ``image_size`` or any other square size of at least 32 px (the maps are
+    floor(side / 4), / 8, / 16, / 32, as the trunk's strided convolutions give them); the sin-cos table
     (``grid_size``² cells + cls row, a persistent buffer so converted checkpoints carry their exact table) is
     bicubically resized to each grid like the original's ``get_abs_pos``.
 
@@ -453,11 +455,14 @@ class DeemImageEncoder(nn.Module):
             raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]} channels")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a floating-point tensor in [0, 1], got dtype {pixel_values.dtype}")
+        if not torch.compiler.is_compiling():
+            check_pixels(pixel_values, "pixel_values")
         height, width = pixel_values.shape[-2:]
-        if height != width or height % STRIDE or height == 0:
+        if height != width or height < STRIDE:
+            # any square side the trunk can reduce to a 1x1 last map (the original runs 48 px: maps 12, 6, 3, 1)
             raise ValueError(
-                f"pixel_values spatial size must be square and a multiple of {STRIDE} "
-                f"(expected {self.vision_config.image_size}x{self.vision_config.image_size}), got {height}x{width}"
+                f"pixel_values must be square images of at least {STRIDE}x{STRIDE} px (this model was configured for "
+                f"{self.vision_config.image_size}x{self.vision_config.image_size}), got {height}x{width}"
             )
         if image_masks is None:
             return
@@ -466,6 +471,8 @@ class DeemImageEncoder(nn.Module):
         expected = (pixel_values.shape[0], 1, height, width)
         if tuple(image_masks.shape) != expected:
             raise ValueError(f"image_masks must have shape [N, 1, H, W] = {expected}, got {tuple(image_masks.shape)}")
+        if not torch.compiler.is_compiling():
+            check_pixels(image_masks, "image_masks", channels=1)  # soft masks are read as mask > 0
 
     # ---------------------------------------------------------------- forward
 

@@ -6,7 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+THREADS = max(1, min(2, os.cpu_count() or 1))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Every test starts with the same thread count (some pin one thread for exact comparisons), so results that
+    depend on how float reductions are split never depend on the order tests ran in."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(THREADS)
+
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DEEM_FIXTURES", REPO.parent / "shared" / "fixtures"))

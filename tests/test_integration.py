@@ -59,6 +59,7 @@ def test_save_writes_shards_modeling_files_and_auto_map(saved):
 FRESH = textwrap.dedent(
     """
     import sys, json, torch
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's, so that the float reductions split the same way
     sys.modules["deem"] = None  # the saved modeling files must not need this repository's package
     from transformers import AutoConfig, AutoModel, AutoProcessor
     path = sys.argv[1]
@@ -87,7 +88,10 @@ FRESH = textwrap.dedent(
 
 def test_fresh_process_auto_classes_reproduce_logits(saved):
     path, _ = saved
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(path)], capture_output=True, text=True, timeout=600)
+    threads = str(torch.get_num_threads())
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(path), threads], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line[len("RESULT") :])

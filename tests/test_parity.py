@@ -2,6 +2,7 @@
 reproduce every recorded tensor in float32 (atol = rtol = 1e-5)."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -161,9 +162,25 @@ def test_train_losses_match_with_the_recorded_draws(fixture, converted):
             csr_draws=DiffusionDraws(**tape(fixture, "csr")),
             nip_draws=DiffusionDraws(**tape(fixture, "nip")),
         )
-        b1 = dict(b, pixel_values_decoder=2 * b["pixel_values_decoder"] - 1)
-        as_original = model(
-            **b1, return_loss=True, loss_csr_weight=0.0, nip_draws=DiffusionDraws(**tape(fixture, "nip"))
+        # the model refuses decoder views outside [0, 1], so the original's 2x-1 views go to the image decoder's
+        # own NIP loss (the one forward calls), with the LLM states and maps of a plain forward
+        from deem.modeling.sequence_deem import _image_context_spans, _image_runs
+
+        plain = model(**b, return_loss=False)
+        cfg = model.config
+        spans = _image_context_spans(
+            _image_runs(b["input_ids"], cfg.image_token_id), b["input_ids"], b["attention_mask"], cfg.bos_token_id
+        )
+        decoder = model.image_decoder
+        as_original = types.SimpleNamespace(
+            loss_nip=decoder.loss_nip(
+                plain.last_hidden_state,
+                plain.image_features,
+                *spans,
+                decoder.encode_latents(2 * b["pixel_values_decoder"] - 1),
+                DiffusionDraws(**tape(fixture, "nip")),
+                None,
+            )
         )
     devs = {
         "loss_ntp": report("loss_ntp", out.loss_ntp, train["train.loss_txt"]),

@@ -500,6 +500,7 @@ def test_from_pretrained_on_a_saved_model(model, pipe, saved):
 FRESH = textwrap.dedent(
     """
     import importlib, json, sys, torch
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's, so that the float reductions split the same way
     sys.modules["deem"] = None  # only the files saved next to the weights
     from transformers import AutoModel
     path = sys.argv[1]
@@ -528,7 +529,10 @@ def test_fresh_process_trust_remote_code_pipeline(model, pipe, saved):
     pe = cond(model, seed=14)
     images = pipe(prompt_embeds=pe, num_inference_steps=2, output_type="pt", generator=gen(8)).images
     torch.save({"prompt_embeds": pe, "images": images}, saved / "pipe_reference.pt")
-    proc = subprocess.run([sys.executable, "-c", FRESH, str(saved)], capture_output=True, text=True, timeout=300)
+    threads = str(torch.get_num_threads())
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(saved), threads], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
     out = json.loads(line[len("RESULT") :])
@@ -620,6 +624,7 @@ FRESH_PIPE = textwrap.dedent(
     """
     import json, sys, torch
     from diffusers import DiffusionPipeline
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's, so that the float reductions split the same way
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     ref = torch.load(sys.argv[1] + "/../reference.pt")
@@ -637,7 +642,10 @@ def test_saved_pipeline_loads_in_a_fresh_process(model, pipe, saved_pipe):
     images = pipe(prompt_embeds=pe, num_inference_steps=2, output_type="pt", generator=gen(8)).images
     torch.save({"prompt_embeds": pe, "images": images}, saved_pipe.parent / "reference.pt")
     proc = subprocess.run(
-        [sys.executable, "-c", FRESH_PIPE, str(saved_pipe)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FRESH_PIPE, str(saved_pipe), str(torch.get_num_threads())],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT") :])

@@ -256,7 +256,7 @@ def tiny_encoder():
         (torch.rand(3, 64, 64), None, ValueError, ["4-D", "(3, 64, 64)"]),
         (torch.rand(1, 1, 64, 64), None, ValueError, ["3 channels", "got 1"]),
         (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), None, TypeError, ["floating", "uint8"]),
-        (torch.rand(1, 3, 48, 48), None, ValueError, ["multiple of 32", "expected 64x64", "got 48x48"]),
+        (torch.rand(1, 3, 16, 16), None, ValueError, ["at least 32x32", "configured for 64x64", "got 16x16"]),
         (torch.rand(1, 3, 64, 96), None, ValueError, ["square", "got 64x96"]),
         (torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64), ValueError, ["image_masks", "(2, 1, 64, 64)", "(2, 64, 64)"]),
         (torch.rand(2, 3, 64, 64), torch.ones(1, 1, 64, 64), ValueError, ["image_masks", "(1, 1, 64, 64)"]),
