@@ -333,6 +333,10 @@ def _as_dtype(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return pixels.to(dtype) if pixels.is_floating_point() else pixels
 
 
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def is_tracing() -> bool:
     """Under ``torch.compile`` / ``torch.export`` the data-dependent input checks are skipped (they run eagerly)."""
     return torch.compiler.is_compiling()
@@ -637,6 +641,20 @@ class DeemModel(DeemPreTrainedModel):
             image_embeds=pad_per_row(enc.llm_embeds, per_row),
         )
 
+    def _check_devices(self, **inputs):
+        """Inputs hold data (not the meta device) and, on a model that lives on one device, sit on that device."""
+        spread = getattr(self, "hf_device_map", None) is not None  # accelerate places the inputs itself
+        device = self.language_model.embed_tokens.weight.device
+        for name, value in inputs.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.device.type == "meta":
+                raise ValueError(f"{name} is on the meta device (a tensor without data); give real tensors")
+            if not spread and device.type != "meta" and value.device != device:
+                raise ValueError(
+                    f"{name} is on {value.device} but the model is on {device}: move the inputs with .to(model.device)"
+                )
+
     def project_vision_states(self, vision_states: torch.Tensor) -> torch.Tensor:
         """[B,N,S,E] -> [B,K,N,S,E]: each of the K cross-attention layers' normalised value projection."""
         layers = [layer.cross_attn for layer in self.language_model.layers if layer.cross_attn is not None]
@@ -682,6 +700,25 @@ class DeemModel(DeemPreTrainedModel):
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None and not is_tracing():
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+                raise ValueError(
+                    f"inputs_embeds must be a [batch, seq_len, hidden] tensor, got {_describe(inputs_embeds)}"
+                )
+            if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[-1] != cfg.text_config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be [batch >= 1, seq_len, {cfg.text_config.hidden_size}], got shape "
+                    f"{tuple(inputs_embeds.shape)}"
+                )
+        if not is_tracing():
+            self._check_devices(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                image_masks=image_masks,
+                position_ids=position_ids,
+            )
         cache = pop_cache_kwarg(cache, past_key_values, kwargs)
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states

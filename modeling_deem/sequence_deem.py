@@ -152,6 +152,8 @@ def check_token_ids(config: DeemConfig, ids, name: str = "input_ids", allow_igno
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a tensor without data); give real tensors")
     if ids.numel() == 0:
         return
     vocab = config.text_config.vocab_size
@@ -169,6 +171,8 @@ def check_pixels(pixels, name: str, channels: int = 3) -> None:
     """A float [N, C, H, W] image batch with finite values in [0, 1] (the model normalises them itself)."""
     if not isinstance(pixels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(pixels).__name__}")
+    if pixels.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (a tensor without data); give real tensors")
     if pixels.dim() != 4:
         raise ValueError(f"{name} must be a 4-D [N, {channels}, H, W] tensor, got shape {tuple(pixels.shape)}")
     if pixels.shape[1] != channels:
@@ -207,12 +211,28 @@ def check_sequence_inputs(
     ``pixel_values`` are expected for the placeholders."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    for name, value in (
+        ("input_ids", input_ids),
+        ("attention_mask", attention_mask),
+        ("pixel_values", pixel_values),
+        ("image_masks", image_masks),
+        ("num_images", num_images),
+    ):
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (a tensor without data); give real tensors")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[0] == 0 or (input_ids.shape[1] == 0 and past_len == 0):
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row")
     check_token_ids(config, input_ids)
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}")
+        if attention_mask.dim() not in (2, 4):
+            raise ValueError(
+                "attention_mask must be [batch, seq_len] (or a 4-D additive mask), got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
         if attention_mask.dim() == 2 and attention_mask.numel():
             if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
                 raise ValueError("attention_mask holds NaN or infinite values")
@@ -257,6 +277,10 @@ def check_sequence_inputs(
         raise ValueError(
             f"input_ids hold {n_images} image(s) (placeholder runs) but {n_given} image(s) were given in pixel_values"
         )
+    if num_images is not None and not isinstance(num_images, (torch.Tensor, list, tuple)):
+        raise TypeError(f"num_images must be a tensor or list of per-row counts, got {type(num_images).__name__}")
+    if num_images is not None and torch.as_tensor(num_images).is_floating_point():
+        raise TypeError(f"num_images must hold integer counts, got {_describe(torch.as_tensor(num_images))}")
     if num_images is not None and tuple(torch.as_tensor(num_images).shape) not in ((input_ids.shape[0],),):
         raise ValueError(
             f"num_images must hold one count per row ({input_ids.shape[0]}), "

@@ -700,3 +700,56 @@ def test_a_deem_config_without_model_type_still_loads(tmp_path):
     data.pop("model_type")
     (tmp_path / "config.json").write_text(json.dumps(data))
     assert DeemConfig.from_pretrained(tmp_path).num_image_tokens == CFG.num_image_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property test: randomly drawn bad tensors are refused by our checks, never by torch
+# ---------------------------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+
+@st.composite
+def tensors(draw, base: torch.Tensor):
+    """``base`` or a corruption of it: another shape, dtype, value range, NaN/inf, or the meta device."""
+    kind = draw(st.sampled_from(["same", "shape", "dtype", "scale", "nan", "meta", "empty", "list"]))
+    x = base.clone()
+    if kind == "shape":
+        dims = draw(st.lists(st.integers(0, 5), min_size=0, max_size=5))
+        x = torch.zeros(dims, dtype=base.dtype) if dims else torch.tensor(1, dtype=base.dtype)
+    elif kind == "dtype":
+        x = x.to(draw(st.sampled_from(DTYPES)))
+    elif kind == "scale":
+        x = x * draw(st.sampled_from([-1, 255, 1e6, -1e6]))
+    elif kind == "nan" and x.is_floating_point():
+        x = x.flatten().index_fill(0, torch.tensor([0]), draw(st.sampled_from([math.nan, math.inf]))).view_as(base)
+    elif kind == "meta":
+        x = torch.empty_like(x, device="meta")
+    elif kind == "empty":
+        x = x[:0]
+    elif kind == "list":
+        return x.tolist()
+    return x
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_bad_tensors_get_our_errors(model, batch, data):
+    model.eval()
+    inputs = {
+        key: data.draw(tensors(batch[key]), label=key)
+        for key in ("input_ids", "attention_mask", "pixel_values", "num_images")
+    }
+    try:
+        with torch.no_grad():
+            out = model(**inputs, return_loss=False)
+    except (ValueError, TypeError) as error:
+        assert str(error) and "Traceback" not in str(error)
+        assert type(error).__module__ == "builtins"
+        return
+    # accepted: then it was a valid call, and the result is finite
+    assert torch.isfinite(out.logits).all()
+    assert out.logits.shape[:2] == tuple(inputs["input_ids"].shape)
