@@ -446,6 +446,7 @@ class DeemGenerationMixin(GenerationMixin):
                 max_new_tokens = max(int(generation_config.max_length) - input_ids.shape[1], 0)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        self._check_draw_arguments(max_new_images, num_inference_steps, guidance_scale, height, width)
         do_sample, use_cache = bool(generation_config.do_sample), generation_config.use_cache is not False
         output_scores, output_logits = bool(generation_config.output_scores), bool(generation_config.output_logits)
         output_attentions = bool(generation_config.output_attentions)
@@ -626,6 +627,25 @@ class DeemGenerationMixin(GenerationMixin):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             **{CACHE_FIELD: cache if use_cache else None},
         )
+
+    def _check_draw_arguments(self, max_new_images, num_inference_steps, guidance_scale, height, width):
+        """The drawing settings, checked before any token is generated (not when the first image is due)."""
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if not integer(max_new_images) or max_new_images < 0:
+            raise ValueError(f"max_new_images must be an integer >= 0, got {max_new_images!r}")
+        if not integer(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+        if not (guidance_scale == guidance_scale and abs(guidance_scale) != float("inf")):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        if self.has_diffusion:
+            factor = 2 ** (len(self.image_decoder.vae.config.block_out_channels) - 1)
+            for name, value in (("height", height), ("width", width)):
+                if value is not None and (not integer(value) or value <= 0 or value % factor):
+                    raise ValueError(
+                        f"{name} must be a positive multiple of the VAE scale factor {factor}, got {value!r}"
+                    )
 
     def _memory_tensors(self, memory, batch, device) -> DeemImageMemory | None:
         """Per-row (first placeholder, four maps) lists -> the [`DeemImageMemory`] the cross-attention reads (its

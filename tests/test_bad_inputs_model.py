@@ -397,6 +397,48 @@ GENERATE = [
     ),
     ("gen-nothing", lambda m, b, t: m.generate(), ValueError, r"needs input_ids"),
     (
+        "gen-draw-steps-0",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", num_inference_steps=0),
+        ValueError,
+        r"num_inference_steps must be a positive integer",
+    ),
+    (
+        "gen-draw-steps-float",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", num_inference_steps=2.5),
+        ValueError,
+        r"got 2.5",
+    ),
+    (
+        "gen-draw-images-negative",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", max_new_images=-1),
+        ValueError,
+        r"max_new_images must be an integer >= 0",
+    ),
+    (
+        "gen-draw-guidance-nan",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", guidance_scale=math.nan),
+        ValueError,
+        r"guidance_scale must be finite",
+    ),
+    (
+        "gen-draw-guidance-str",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", guidance_scale="3"),
+        TypeError,
+        r"guidance_scale must be a number",
+    ),
+    (
+        "gen-draw-height",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", height=30),
+        ValueError,
+        r"height must be a positive multiple of the VAE scale factor 4",
+    ),
+    (
+        "gen-draw-width-zero",
+        lambda m, b, t: m.generate(input_ids=torch.tensor([[1, 5]]), soi="draw", width=0),
+        ValueError,
+        r"width must be a positive multiple",
+    ),
+    (
         "gen-memory-and-pixels",
         lambda m, b, t: m.generate(**b, image_memory=object(), max_new_tokens=1),
         ValueError,
