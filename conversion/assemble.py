@@ -19,18 +19,24 @@ embedding are normal(0, initializer_range) (the resize default of transformers 4
 new tokens are 0 with bias -100 and the new-token head has weight 0 and bias 95, so every new token starts at
 logit -5. ``null_condition`` is SD's text-encoder output for the empty prompt (as the original computes it).
 
+Every input is checked before the model is built: the folders and files, their configs, the sizes, the output
+folder (new or empty unless ``overwrite``; never a folder that holds an input); weights with NaN / inf are refused
+(``allow_nonfinite=True`` / ``--allow-nonfinite`` accepts them). The result is saved into a new folder beside
+``output_dir`` that is renamed into place at the end; on any error it is removed and nothing is left behind.
+
 Python: :func:`assemble_deem`. Command line::
 
-    python -m deem.conversion.assemble --llm DIR --sd DIR --clip FILE --out DIR [--image-size 256] ...
+    deem assemble --llm DIR --sd DIR --clip FILE --out DIR [--image-size 256] ...
 """
 
-import argparse
+import contextlib
 import json
 import os
 import pickle
 import re
 import shutil
-import tempfile
+import sys
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -39,7 +45,15 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["AssemblyError", "assemble_deem", "infer_convnext_layout", "main"]
+__all__ = [
+    "AssemblyError",
+    "assemble_deem",
+    "check_output_dir",
+    "infer_convnext_layout",
+    "main",
+    "normalize_permissions",
+    "staged_output_dir",
+]
 
 
 class AssemblyError(ValueError):
@@ -190,11 +204,26 @@ def _weight_files(directory: Path, names: tuple[str, ...], what: str) -> list[_W
     )
 
 
-def _load_clip_file(path: Path) -> _WeightFile:
+def _check_input_paths(llm_path, sd_path, clip_path) -> tuple[Path, Path, Path]:
+    llm_path, sd_path, clip_path = Path(llm_path), Path(sd_path), Path(clip_path)
+    for path, what in ((llm_path, "LLaMA directory"), (sd_path, "Stable Diffusion directory")):
+        if not path.is_dir():
+            raise AssemblyError(f"{path}: not a directory ({what})")
+    if not clip_path.is_file():
+        raise AssemblyError(f"{clip_path}: not a file (open_clip checkpoint)")
+    _check_clip_suffix(clip_path)
+    return llm_path, sd_path, clip_path
+
+
+def _check_clip_suffix(path: Path) -> None:
     if path.suffix not in (".bin", ".pt", ".pth", ".safetensors"):
         raise AssemblyError(
             f"{path}: unsupported open_clip checkpoint format {path.suffix!r} (use .bin, .pt or .safetensors)"
         )
+
+
+def _load_clip_file(path: Path) -> _WeightFile:
+    _check_clip_suffix(path)
     return _WeightFile(path)
 
 
@@ -236,13 +265,19 @@ def infer_convnext_layout(shapes: dict[str, tuple], source: str = "the open_clip
     return {"depths": depths, "dims": dims, "layer_scale": has_gamma}
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str, required=()) -> dict:
     if not path.is_file():
         raise AssemblyError(f"{path}: missing ({what})")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except Exception as err:
         raise AssemblyError(f"{path}: not readable JSON ({type(err).__name__}: {err})") from err
+    if not isinstance(value, dict):
+        raise AssemblyError(f"{path}: expected a JSON object ({what}), got a JSON {type(value).__name__}")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise AssemblyError(f"{path}: not a usable {what}: no {', '.join(missing)}")
+    return value
 
 
 def _clean(config: dict) -> dict:
@@ -286,6 +321,25 @@ def _merge(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _unknown_override_keys(reference, overrides: dict, where: str = "") -> list[str]:
+    """Keys of ``overrides`` that name no field of the config ``reference`` (``DeemConfig`` keeps unknown kwargs as
+    plain attributes, so a misspelt key would silently change nothing)."""
+    from transformers import PretrainedConfig
+
+    unknown = []
+    for key, value in overrides.items():
+        name = f"{where}.{key}" if where else str(key)
+        if isinstance(reference, dict):
+            continue  # a free-form dict field (the UNet / VAE / scheduler configs)
+        if not isinstance(key, str) or not hasattr(reference, key):
+            unknown.append(name)
+            continue
+        current = getattr(reference, key)
+        if isinstance(value, dict) and isinstance(current, PretrainedConfig):
+            unknown += _unknown_override_keys(current, value, name)
+    return unknown
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -346,14 +400,25 @@ class _Component:
             raise AssemblyError(f"{self.where()}: the {self.name} checkpoint does not fit: " + "; ".join(problems))
 
     @torch.no_grad()
-    def copy_into(self, state: dict[str, torch.Tensor]) -> int:
+    def copy_into(self, state: dict[str, torch.Tensor], allow_nonfinite: bool = False) -> int:
         count = 0
         for f in self.files:
             for key, tensor in f.tensors():
                 target = self.mapping.get(key)
                 if target is None:
                     continue
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    if not allow_nonfinite:
+                        raise AssemblyError(
+                            f"{f.path}: {key} holds NaN or inf (a diverged or corrupt {self.name} checkpoint; "
+                            "allow_nonfinite=True / --allow-nonfinite loads it anyway)"
+                        )
+                    logger.warning(f"{f.path}: {key} holds NaN or inf")
                 dest = state[target]
+                if dest.is_floating_point() and not tensor.is_floating_point():
+                    raise AssemblyError(
+                        f"{f.path}: {key} holds {tensor.dtype} values where the {self.name} weight is floating point"
+                    )
                 if target in self.row_prefix:
                     dest = dest[: tensor.shape[0]]
                 dest.copy_(tensor.to(dest.dtype))
@@ -373,12 +438,23 @@ def _deprecated_attention_renames(module: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
 # ---------------------------------------------------------------------------------------------------------------------
 # null condition
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+@torch.no_grad()
 def _null_condition(sd_path: Path) -> torch.Tensor | None:
     """SD text-encoder ``last_hidden_state`` [1, L, D] for "" padded to the tokenizer's ``model_max_length`` (no
     attention mask, as StableDiffusionPipeline for SD 2.1); ``None`` with a warning when the encoder is absent."""
@@ -397,7 +473,8 @@ def _null_condition(sd_path: Path) -> torch.Tensor | None:
     except Exception as err:
         raise AssemblyError(f"{tok_dir}: cannot load the SD tokenizer ({type(err).__name__}: {err})") from err
     try:
-        encoder, info = CLIPTextModel.from_pretrained(te_dir, output_loading_info=True, dtype=torch.float32)
+        with _no_progress_bar():  # a one-off helper load: its bar would only add noise to the assembly's output
+            encoder, info = CLIPTextModel.from_pretrained(te_dir, output_loading_info=True, dtype=torch.float32)
     except Exception as err:
         raise AssemblyError(f"{te_dir}: cannot load the SD text encoder ({type(err).__name__}: {err})") from err
     bad = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
@@ -441,6 +518,7 @@ def _assemble(
     config_overrides: dict | None = None,
     dtype=torch.float32,
     seed: int | None = None,
+    allow_nonfinite: bool = False,
 ):
     from transformers import AutoTokenizer
 
@@ -450,20 +528,27 @@ def _assemble(
     from deem.modeling.modeling_deem import DeemForInterleavedGeneration, current_to_legacy_keys
     from deem.modeling.processing_deem import DEEM_SPECIAL_TOKENS, DeemProcessor, prepare_tokenizer
 
-    llm_path, sd_path, clip_path = Path(llm_path), Path(sd_path), Path(clip_path)
+    llm_path, sd_path, clip_path = _check_input_paths(llm_path, sd_path, clip_path)
     dtype = _as_dtype(dtype)
-    for path, what in ((llm_path, "LLaMA directory"), (sd_path, "Stable Diffusion directory")):
-        if not path.is_dir():
-            raise AssemblyError(f"{path}: not a directory ({what})")
-    if not clip_path.is_file():
-        raise AssemblyError(f"{clip_path}: not a file (open_clip checkpoint)")
-    if image_size % 32:
-        raise ValueError(f"image_size must be a multiple of 32 (the ConvNeXt stride), got {image_size}")
-    if image_embed_dim % 16:
-        raise ValueError(f"image_embed_dim must be a multiple of 16 (the cross-attention heads), got {image_embed_dim}")
+    if not (isinstance(image_size, int) and not isinstance(image_size, bool) and 32 <= image_size):
+        raise ValueError(
+            f"image_size must be an encoder side of at least 32 px (the ConvNeXt stride), got {image_size!r}"
+        )
+    _check_size("image_embed_dim", image_embed_dim, 16, "the cross-attention heads")
+    _check_size("num_image_tokens", num_image_tokens, 1, "tokens per image")
+    if decoder_image_size is not None:
+        _check_size("decoder_image_size", decoder_image_size, 8, "the VAE factor")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+    if config_overrides is not None and not isinstance(config_overrides, dict):
+        raise ValueError(f"config_overrides must be a dict of DeemConfig kwargs, got {type(config_overrides).__name__}")
+    if config_overrides:
+        unknown = _unknown_override_keys(DeemConfig(), config_overrides)
+        if unknown:
+            raise AssemblyError(f"config_overrides: unknown DeemConfig field(s) {unknown}")
 
     # ---- LLM: tokenizer, config, weight headers
-    llm_config = _read_json(llm_path / "config.json", "LLM config")
+    llm_config = _read_json(llm_path / "config.json", "LLM config", required=("vocab_size", "hidden_size"))
     original_vocab = int(llm_config.get("vocab_size", 0))
     try:
         tokenizer = AutoTokenizer.from_pretrained(llm_path)
@@ -485,8 +570,14 @@ def _assemble(
     llm_files = _weight_files(llm_path, _LLM_WEIGHT_NAMES, "LLaMA")
 
     # ---- Stable Diffusion: configs, weight headers, null condition
-    unet_cfg = _clean(_read_json(sd_path / "unet" / "config.json", "UNet config"))
-    vae_cfg = _clean(_read_json(sd_path / "vae" / "config.json", "VAE config"))
+    unet_cfg = _clean(
+        _read_json(
+            sd_path / "unet" / "config.json",
+            "UNet config",
+            required=("sample_size", "cross_attention_dim", "block_out_channels", "down_block_types"),
+        )
+    )
+    vae_cfg = _clean(_read_json(sd_path / "vae" / "config.json", "VAE config", required=("block_out_channels",)))
     sched_cfg = _clean(_read_json(sd_path / "scheduler" / "scheduler_config.json", "scheduler config"))
     prediction = sched_cfg.get("prediction_type", "epsilon")
     if prediction != "epsilon":
@@ -497,9 +588,16 @@ def _assemble(
         )
     unet_files = _weight_files(sd_path / "unet", _SD_WEIGHT_NAMES, "UNet")
     vae_files = _weight_files(sd_path / "vae", _SD_WEIGHT_NAMES, "VAE")
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     if decoder_image_size is None:
         # what StableDiffusionPipeline uses as its default resolution (512 for SD-2.1-base)
-        decoder_image_size = int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        decoder_image_size = int(unet_cfg["sample_size"]) * vae_factor
+    latent_step = vae_factor * 2 ** (len(unet_cfg["down_block_types"]) - 1)
+    if decoder_image_size % latent_step:
+        raise AssemblyError(
+            f"decoder_image_size {decoder_image_size} is not a multiple of {latent_step} (the VAE factor {vae_factor} "
+            f"times the {len(unet_cfg['down_block_types']) - 1} UNet downsamplings of {sd_path / 'unet'})"
+        )
     null = _null_condition(sd_path)
 
     # ---- open_clip ConvNeXt
@@ -669,7 +767,7 @@ def _assemble(
     state = current_to_legacy_keys(model.state_dict())  # views of the model's tensors, under the tables' names
     report = {"components": {}, "config": config}
     for component in components:
-        loaded = component.copy_into(state)
+        loaded = component.copy_into(state, allow_nonfinite=allow_nonfinite)
         report["components"][component.name] = {
             "source": component.where(),
             "loaded": loaded,
@@ -680,6 +778,10 @@ def _assemble(
             model.lm_head.base.weight[:original_vocab].copy_(model.language_model.embed_tokens.weight[:original_vocab])
         model.lm_head.reset_new_token_rows()
         if null is not None:
+            if not bool(torch.isfinite(null).all()) and not allow_nonfinite:
+                raise AssemblyError(
+                    f"{sd_path / 'text_encoder'}: the text encoder gives NaN / inf for the empty prompt"
+                )
             model.null_condition.copy_(null.to(model.null_condition.dtype))
     report["tied_embeddings"] = tied
     report["null_condition"] = "SD text encoder on the empty prompt" if null is not None else "random (no text encoder)"
@@ -702,26 +804,119 @@ def _assemble(
     return model, processor, report
 
 
-def _save_atomically(model, processor, output_dir: Path, overwrite: bool) -> None:
-    output_dir = Path(output_dir)
-    parent = output_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=parent))
+def _check_size(name: str, value, step: int, why: str) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % step == 0):
+        expected = "a positive integer" if step == 1 else f"a positive multiple of {step} ({why})"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the output folder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(
+    output_dir, overwrite: bool = False, inputs=(), overwrite_hint: str | None = "--overwrite / overwrite=True"
+) -> Path:
+    """Refuse, before any work, an output folder that cannot receive the result: an existing file or symbolic link,
+    a non-empty folder (unless ``overwrite``; ``overwrite_hint`` names the switch in the message), a folder that is or
+    holds one of the ``inputs``, a place under a file or a folder that cannot be written. Returns the path."""
+    out = Path(output_dir)
+    if out.is_symlink():
+        raise FileExistsError(f"{out}: is a symbolic link; give the real folder")
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out}: exists and is not a directory")
+        if not overwrite and any(out.iterdir()):
+            hint = f", or pass {overwrite_hint} to replace it" if overwrite_hint else ""
+            raise FileExistsError(f"{out}: exists and is not empty (choose a new folder{hint})")
+    resolved = out.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == resolved or resolved in source.parents:
+            raise ValueError(f"{out}: the output folder would replace the input {item}; choose another folder")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{out}: cannot be created, {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot be created, {ancestor} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def staged_output_dir(output_dir, overwrite: bool = False):
+    """Yield a new folder beside ``output_dir``; when the block succeeds it becomes ``output_dir`` (an existing empty
+    folder is replaced; a non-empty one only with ``overwrite``). On any error the new folder, and any parent
+    folders made for it, are removed. The folder gets the permissions of ``mkdir`` under the current umask."""
+    out = Path(output_dir).absolute()
+    made = []  # parent folders created here, deepest first
+    parent = out.parent
+    while not parent.exists():
+        made.append(parent)
+        parent = parent.parent
+    for folder in reversed(made):
+        folder.mkdir()
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    placed = False
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        if output_dir.exists():
-            if not overwrite:
-                raise FileExistsError(f"{output_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=parent))
-            os.replace(output_dir, old / "x")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        tmp.mkdir()
+        yield tmp
+        normalize_permissions(tmp, dir_mode=tmp.stat().st_mode & 0o777)
+        _place(tmp, out, overwrite)
+        placed = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if not placed:
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+
+def normalize_permissions(folder, dir_mode: int | None = None, since: float | None = None) -> None:
+    """Give the folders and files under ``folder`` (itself included) the permissions ``mkdir`` / ``open`` give under
+    the umask (``dir_mode``, default ``0o777 & ~umask``; files without the execute bits): safetensors writes its
+    files 0600 and ``mkdtemp`` makes 0700 folders, but a saved model should be readable by whoever may read its
+    folder. With ``since`` (a time stamp), only the files modified at or after it change and folders keep theirs
+    (the folder is not all ours)."""
+    if dir_mode is None:
+        mask = os.umask(0)
+        os.umask(mask)
+        dir_mode = 0o777 & ~mask
+    file_mode = dir_mode & 0o666
+    root = Path(folder)
+    for path in [root, *root.rglob("*")]:
+        try:
+            if path.is_symlink() or (since is not None and (path.is_dir() or path.stat().st_mtime < since)):
+                continue
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
+        except OSError:  # not ours to change: leave it
+            continue
+
+
+def _place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        if not any(out.iterdir()):
+            out.rmdir()
+        elif not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty")
+        else:
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+            return
+    os.replace(tmp, out)
 
 
 def assemble_deem(
@@ -738,6 +933,7 @@ def assemble_deem(
     dtype=torch.float32,
     seed: int | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ):
     """Build a fresh DEEM (stage-1 ready) from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir and an open_clip
     ConvNeXt file.
@@ -757,7 +953,8 @@ def assemble_deem(
             (e.g. ``{"perceiver_config": {"hidden_size": 512}}``).
         dtype: parameter dtype of the returned model (the VAE stays float32).
         seed: seed for the random init of the new modules (``None``: the global RNG).
-        overwrite: replace an existing ``output_dir``.
+        overwrite: replace an existing, non-empty ``output_dir`` (never one that holds an input).
+        allow_nonfinite: load component weights that hold NaN / inf (refused by default).
 
     Returns:
         ``(model, processor)``: a [`DeemForInterleavedGeneration`] in eval mode with the stage-1 trainable set and
@@ -765,14 +962,15 @@ def assemble_deem(
 
     Raises:
         AssemblyError (a ValueError): a component that is missing, unreadable, unsafe to unpickle, or does not fit
-        (message names the file and the keys).
+        (message names the file and the keys). ValueError: a size out of range. FileExistsError: ``output_dir``
+        exists and is not empty (without ``overwrite``) or is a file.
     """
-    if output_dir is not None and Path(output_dir).exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    model, processor, _ = _assemble(
+    model, processor, _ = _assemble_to(
         llm_path,
         sd_path,
         clip_path,
+        output_dir,
+        overwrite=overwrite,
         image_size=image_size,
         num_image_tokens=num_image_tokens,
         image_embed_dim=image_embed_dim,
@@ -780,10 +978,20 @@ def assemble_deem(
         config_overrides=config_overrides,
         dtype=dtype,
         seed=seed,
+        allow_nonfinite=allow_nonfinite,
     )
-    if output_dir is not None:
-        _save_atomically(model, processor, Path(output_dir), overwrite)
     return model, processor
+
+
+def _assemble_to(llm_path, sd_path, clip_path, output_dir, overwrite=False, **kwargs):
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite, inputs=(llm_path, sd_path, clip_path))
+    model, processor, report = _assemble(llm_path, sd_path, clip_path, **kwargs)
+    if output_dir is not None:
+        with staged_output_dir(output_dir, overwrite) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+    return model, processor, report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -791,65 +999,26 @@ def assemble_deem(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _parse_overrides(text: str | None) -> dict:
-    if not text:
-        return {}
-    text = text.strip()
-    try:
-        value = json.loads(text if text.startswith("{") else Path(text).read_text())
-    except OSError as err:
-        raise SystemExit(f"--config-overrides: {text} is neither a JSON object nor a readable file ({err})")
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"--config-overrides: not valid JSON: {err}")
-    if not isinstance(value, dict):
-        raise SystemExit("--config-overrides must be a JSON object")
-    return value
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m deem.conversion.assemble",
-        description="Assemble a fresh DEEM for stage-1 training from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir "
-        "and an open_clip ConvNeXt checkpoint.",
+def run(args) -> None:
+    """``deem assemble`` with parsed arguments (see `deem.cli`): checks, assembles, prints what it wrote."""
+    out = check_output_dir(args.out, args.overwrite, inputs=(args.llm, args.sd, args.clip))
+    _check_input_paths(args.llm, args.sd, args.clip)
+    print(f"deem assemble: {args.llm} + {args.sd} + {args.clip} -> {out}", flush=True)
+    model, _, report = _assemble_to(
+        args.llm,
+        args.sd,
+        args.clip,
+        out,
+        overwrite=args.overwrite,
+        image_size=args.image_size,
+        num_image_tokens=args.num_image_tokens,
+        image_embed_dim=args.image_embed_dim,
+        decoder_image_size=args.decoder_image_size,
+        config_overrides=args.config_overrides,
+        dtype=args.dtype,
+        seed=args.seed,
+        allow_nonfinite=args.allow_nonfinite,
     )
-    parser.add_argument(
-        "--llm", required=True, help="LLaMA / Vicuna directory in HF format (config, weights, tokenizer)"
-    )
-    parser.add_argument("--sd", required=True, help="Stable Diffusion 2.1 directory in diffusers format")
-    parser.add_argument(
-        "--clip", required=True, help="open_clip ConvNeXt checkpoint (open_clip_pytorch_model.bin / .pt / .safetensors)"
-    )
-    parser.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--image-size", type=int, default=256, help="encoder resolution (default 256, stage 1)")
-    parser.add_argument("--num-image-tokens", type=int, default=77)
-    parser.add_argument("--image-embed-dim", type=int, default=1024)
-    parser.add_argument("--decoder-image-size", type=int, default=None, help="default: UNet sample_size x VAE factor")
-    parser.add_argument(
-        "--config-overrides", default=None, help="JSON object (or a JSON file) of extra DeemConfig kwargs"
-    )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        parser.error(f"{out} already exists (use --overwrite)")
-    try:
-        model, processor, report = _assemble(
-            args.llm,
-            args.sd,
-            args.clip,
-            image_size=args.image_size,
-            num_image_tokens=args.num_image_tokens,
-            image_embed_dim=args.image_embed_dim,
-            decoder_image_size=args.decoder_image_size,
-            config_overrides=_parse_overrides(args.config_overrides),
-            dtype=args.dtype,
-            seed=args.seed,
-        )
-        _save_atomically(model, processor, out, args.overwrite)
-    except AssemblyError as err:
-        raise SystemExit(f"error: {err}")
     lines = [f"assembled DEEM -> {out}"]
     for name, info in report["components"].items():
         ignored = f", {len(info['ignored'])} ignored" if info["ignored"] else ""
@@ -862,5 +1031,15 @@ def main(argv=None) -> None:
     print("\n".join(lines))
 
 
+def main(argv=None):
+    """``main(list)`` parses and assembles, raising on bad input (``UsageError``, `AssemblyError`, ...); ``main()``
+    (``python -m deem.conversion.assemble``) is the command line (one-line errors, exit status)."""
+    from deem import cli
+
+    if argv is None:
+        return cli.main(["assemble", *sys.argv[1:]])
+    return run(cli.parse_command("assemble", argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -101,12 +101,92 @@ def convert_state_dict(
             problems.append(f"{len(extra)} converted key(s) the model does not have: {', '.join(extra)}")
         if shapes:
             problems.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes)}")
+        kinds = sorted(
+            f"{k}: checkpoint {converted[k].dtype} vs model {expected[k].dtype}"
+            for k in set(converted) & set(expected)
+            if converted[k].is_floating_point() != expected[k].is_floating_point()
+        )
+        if kinds:
+            problems.append(f"{len(kinds)} dtype mismatch(es) (integer vs floating point): {'; '.join(kinds)}")
     if problems:
         raise ConversionError("cannot convert the original checkpoint: " + " | ".join(problems))
     return converted
 
 
 CONVNEXT_BASE = {"depths": (3, 3, 27, 3), "dims": (128, 256, 512, 1024)}
+# the model-section entries config_from_original reads, with what each must be
+_POSITIVE_INTS = ("num_img_token", "image_embed_dim", "cross_attention_frequency", "txt_vocab_size")
+_WEIGHTS = ("loss_txt_weight", "loss_img_weight", "loss_sniffer_weight")
+_LLAMA_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_model_section(mc, where: str = "model") -> None:
+    """Raise ``ConversionError`` naming the first entry of the original's ``model:`` section that
+    `config_from_original` cannot use (wrong type or range)."""
+
+    def bad(key, expected, value):
+        raise ConversionError(f"{where}.{key} must be {expected}, got {value!r}")
+
+    if not isinstance(mc, dict):
+        raise ConversionError(f"{where} must be a mapping, got {type(mc).__name__} {mc!r:.60}")
+    for key in _POSITIVE_INTS:
+        if key in mc and not (_is_int(mc[key]) and mc[key] > 0):
+            bad(key, "a positive integer", mc[key])
+    for key in _WEIGHTS:
+        if key in mc and not (_is_number(mc[key]) and mc[key] >= 0):
+            bad(key, "a number >= 0", mc[key])
+    if "mask_align" in mc and not isinstance(mc["mask_align"], bool):
+        bad("mask_align", "true or false", mc["mask_align"])
+    shapes = mc.get("spatial_shapes")
+    if shapes is not None and not (isinstance(shapes, list) and shapes and all(_is_int(s) and s > 0 for s in shapes)):
+        bad("spatial_shapes", "a list of positive integers", shapes)
+    vt = mc.get("visual_tokenizer_config")
+    if vt is not None:
+        if not isinstance(vt, dict):
+            bad("visual_tokenizer_config", "a mapping", vt)
+        if vt.get("perceiver_config") is not None and not isinstance(vt["perceiver_config"], dict):
+            bad("visual_tokenizer_config.perceiver_config", "a mapping", vt["perceiver_config"])
+    idc = mc.get("image_decoder_config")
+    if idc is not None:
+        if not isinstance(idc, dict):
+            bad("image_decoder_config", "a mapping", idc)
+        if idc.get("perceiver_config") is not None and not isinstance(idc["perceiver_config"], dict):
+            bad("image_decoder_config.perceiver_config", "a mapping", idc["perceiver_config"])
+        for key in ("seq_len", "embed_dim"):
+            if key in idc and not (_is_int(idc[key]) and idc[key] > 0):
+                bad(f"image_decoder_config.{key}", "a positive integer", idc[key])
+        size = idc.get("image_size", 512)
+        if not (_is_int(size) and 0 < size <= 512 and 512 % size == 0):
+            bad(
+                "image_decoder_config.image_size",
+                "a divisor of 512 (the original scales its side network by 512 / size)",
+                size,
+            )
+        if "uncond_prob" in idc and not (_is_number(idc["uncond_prob"]) and 0 <= idc["uncond_prob"] <= 1):
+            bad("image_decoder_config.uncond_prob", "a probability in [0, 1]", idc["uncond_prob"])
+
+
+def check_llama_config(llama_config, where: str = "the LLaMA config.json") -> None:
+    """Raise ``ConversionError`` unless ``llama_config`` is a LLaMA config dict with its sizes."""
+    if not isinstance(llama_config, dict):
+        raise ConversionError(f"{where}: expected a JSON object, got {type(llama_config).__name__}")
+    model_type = llama_config.get("model_type", "llama")
+    if model_type != "llama":
+        raise ConversionError(f"{where}: DEEM's language model is a LLaMA; this config has model_type {model_type!r}")
+    missing = [k for k in _LLAMA_SIZES if k not in llama_config]
+    if missing:
+        raise ConversionError(f"{where}: missing {', '.join(missing)}")
+    wrong = [f"{k}={llama_config[k]!r}" for k in _LLAMA_SIZES if not (_is_int(llama_config[k]) and llama_config[k] > 0)]
+    if wrong:
+        raise ConversionError(f"{where}: sizes must be positive integers, got {', '.join(wrong)}")
 
 
 def config_from_original(
@@ -116,7 +196,7 @@ def config_from_original(
     unet: dict | None = None,
     vae: dict | None = None,
     scheduler: dict | None = None,
-    image_size: int = 256,
+    image_size: int | None = None,
     side_spatial_shapes=None,
 ):
     """Build a ``DeemConfig`` from the original's ``model:`` YAML section and its component configs.
@@ -125,17 +205,25 @@ def config_from_original(
     ``spatial_shapes``, ``visual_tokenizer_config.perceiver_config``, ``image_decoder_config`` ...);
     ``llama_config``: the Vicuna ``config.json``; ``convnext``: trunk ``depths``/``dims`` (default convnext_base);
     ``unet`` / ``vae`` / ``scheduler``: the SD config dicts (``None``: no diffusion, as in stage-3 checkpoints);
-    ``image_size``: the encoder resolution the weights are used at (256 stage 1, 448 stages 2-3; set by the
-    original's data transform, not its model config).
+    ``image_size`` (required): the encoder resolution the weights are used at (256 stage 1, 448 stages 2-3; set by
+    the original's data transform, not its model config). Raises ``ConversionError`` for entries of the wrong type
+    and for sizes that do not make a valid ``DeemConfig``.
     """
     from deem.modeling.configuration_deem import DeemConfig
 
+    check_model_section(model_config)
+    check_llama_config(llama_config)
+    if not (_is_int(image_size) and image_size >= 32):
+        raise ConversionError(
+            f"image_size must be the encoder resolution, at least 32 px (256 for stage-1 checkpoints, 448 "
+            f"for stages 2-3), got {image_size!r}"
+        )
     mc = model_config
     embed = mc.get("image_embed_dim", 1024)
     num_tokens = mc.get("num_img_token", 64)
     trunk = convnext or CONVNEXT_BASE
-    vt = mc.get("visual_tokenizer_config", {})
-    perc = dict(vt.get("perceiver_config", {}))
+    vt = mc.get("visual_tokenizer_config") or {}
+    perc = dict(vt.get("perceiver_config") or {})
     perc.setdefault("encoder_hidden_size", embed)
     idc = mc.get("image_decoder_config")
     text = dict(llama_config)
@@ -154,7 +242,8 @@ def config_from_original(
         perceiver_config=perc,
         text_config=text,
         cross_attention_config=dict(
-            frequency=mc.get("cross_attention_frequency", 4), spatial_shapes=list(mc.get("spatial_shapes", [32, 16, 8]))
+            frequency=mc.get("cross_attention_frequency", 4),
+            spatial_shapes=list(mc.get("spatial_shapes") or [32, 16, 8]),
         ),
         image_embed_dim=embed,
         num_image_tokens=num_tokens,
@@ -164,7 +253,7 @@ def config_from_original(
         loss_csr_weight=mc.get("loss_sniffer_weight", 5.0),
     )
     if idc is not None and unet is not None:
-        dp = dict(idc.get("perceiver_config", {}))
+        dp = dict(idc.get("perceiver_config") or {})
         dp.setdefault("num_queries", idc.get("seq_len", 77))
         dp.setdefault("hidden_size", idc.get("embed_dim", 1024))
         dp.setdefault("encoder_hidden_size", llama_config["hidden_size"])
@@ -177,8 +266,26 @@ def config_from_original(
         )
         if side_spatial_shapes is not None:
             diffusion["side_spatial_shapes"] = tuple(side_spatial_shapes)
-        diffusion["side_base_spatial_shapes"] = original_side_base_spatial_shapes(unet, diffusion["image_size"])
+        try:
+            diffusion["side_base_spatial_shapes"] = original_side_base_spatial_shapes(unet, diffusion["image_size"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConversionError(
+                f"the UNet config does not describe a usable UNet ({type(err).__name__}: {err})"
+            ) from err
         kwargs["diffusion_config"] = diffusion
     else:
         kwargs["use_diffusion"] = False
-    return DeemConfig(**kwargs)
+    try:
+        return DeemConfig(**kwargs)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConversionError(f"the original's sizes do not make a valid DeemConfig: {err}") from err
+
+
+def encoder_spatial_shapes(model_config: dict) -> list[int]:
+    """The map sides the original's LLM cross-attention reads (``spatial_shapes``, default [32, 16, 8])."""
+    return list(model_config.get("spatial_shapes") or [32, 16, 8])
+
+
+def nonfinite_keys(state: dict) -> list[str]:
+    """Keys of the floating-point tensors of ``state`` that hold NaN or +-inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

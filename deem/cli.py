@@ -3,12 +3,343 @@
 ``deem`` / ``deem demo``: build the tiny default model, run one training-mode forward on generated images and
 print the loss components and the parameter table. ``deem params [--config 7b|tiny] [--stage N]``: the
 per-component parameter table (the 7B model is built on the meta device, no memory or download needed).
+``deem assemble`` / ``deem convert`` / ``deem train``: see ``deem <command> --help``.
+
+Every command line of the package is defined here, and this module imports nothing heavy: arguments are checked
+before torch / transformers are loaded, so ``--help`` and usage errors answer at once. An error is one line on
+stderr, ``deem <command>: error: <what is wrong>``; the exit status is 2 for a usage error (a bad, missing or
+contradictory argument) and 1 for a failure (a missing or unreadable file, a checkpoint that does not fit, ...).
+``deem --debug <command> ...`` also prints the traceback.
 """
 
-import argparse
-import time
+from __future__ import annotations
 
-import torch
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["UsageError", "build_parser", "format_table", "main", "parse_command"]
+
+
+class UsageError(ValueError):
+    """A bad, missing or contradictory command-line argument: ``deem`` exits with status 2."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+
+
+def _int(text: str) -> int:
+    # plain ASCII digits only: int() would also take "6_4", " 64 " and other scripts' digits
+    if not isinstance(text, str) or not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def bounded_int(maximum: int):
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected a positive integer up to {maximum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int_up_to_{maximum}"
+    return parse
+
+
+def seed_int(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
+    return value
+
+
+def multiple_of(step: int, why: str, maximum: int = 4096):
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value <= 0 or value % step:
+            raise argparse.ArgumentTypeError(f"expected a positive multiple of {step} ({why}), got {text!r}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected at most {maximum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"multiple_of_{step}"
+    return parse
+
+
+def encoder_side(text: str) -> int:
+    """An encoder image side: the ConvNeXt reduces it 32-fold, so at least 32 px (48 gives maps 12, 6, 3, 1)."""
+    value = _int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(
+            f"expected an encoder image side of at least 32 px (the ConvNeXt stride), got {text!r}"
+        )
+    if value > 4096:
+        raise argparse.ArgumentTypeError(f"expected at most 4096, got {text!r}")
+    return value
+
+
+def path_arg(text: str) -> str:
+    if not text or not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r} (it holds a NUL character)")
+    return text
+
+
+def assignment(text: str) -> str:
+    """``--set KEY=VALUE``: dotted key of non-empty parts, then ``=``, then a YAML value."""
+    key, sep, _ = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. training.max_steps=5), got {text!r}")
+    parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", part) for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"expected a dotted KEY of names (e.g. training.max_steps) before '=', got {key.strip()!r}"
+        )
+    return text
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given inline (``{...}``) or as the path of a JSON file."""
+    source = "the value"
+    raw = text.strip()
+    if not raw.startswith(("{", "[")):
+        path = Path(path_arg(text))
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"expected a JSON object or a JSON file, got {text!r} (no such file)")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise argparse.ArgumentTypeError(f"cannot read {text}: {err}") from None
+        source = text
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{source} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got a JSON {type(value).__name__} in {source}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------- parsers
+
+_GIVEN = "_deem_given"
+
+
+class _StoreOnce(argparse.Action):
+    """``store``, but an option given twice is an error (argparse would silently keep the last value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).setdefault(_GIVEN, set())
+        if self.dest in given:
+            parser.error(f"argument {'/'.join(self.option_strings)}: given more than once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one ``UsageError`` line (no usage dump) and whose options refuse to
+    be given twice; abbreviations of long options are not accepted."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if args and args[0].startswith("-") and kwargs.get("action") in (None, "store"):
+            kwargs["action"] = _StoreOnce
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')", prog=self.prog)
+
+
+def _debug_flag(parser) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, print the full traceback"
+    )
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="tiny model, generated images: loss components and parameter table",
+        description="Build the tiny model, take a few training steps on generated images, print the losses.",
+    )
+    p.add_argument("--steps", type=positive_int, default=3, help="optimizer steps (default 3)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    _debug_flag(p)
+
+
+def _add_params(sub) -> None:
+    p = sub.add_parser(
+        "params",
+        help="per-component parameter table for the stage presets",
+        description="Per-component parameter table (total / trainable) of the stage presets.",
+    )
+    p.add_argument("--config", choices=["7b", "tiny"], default="7b", help="model size (7b is built on 'meta')")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="one stage preset (default: all three)")
+    _debug_flag(p)
+
+
+def _add_assemble(sub) -> None:
+    p = sub.add_parser(
+        "assemble",
+        help="fresh DEEM from LLaMA + SD-2.1 + open_clip checkpoints",
+        description="Assemble a fresh DEEM for stage-1 training from a LLaMA/Vicuna dir, an SD-2.1 diffusers dir "
+        "and an open_clip ConvNeXt checkpoint. Nothing is downloaded; nothing is written unless everything fits.",
+    )
+    p.add_argument("--llm", required=True, type=path_arg, help="LLaMA / Vicuna directory in HF format")
+    p.add_argument("--sd", required=True, type=path_arg, help="Stable Diffusion 2.1 directory in diffusers format")
+    p.add_argument(
+        "--clip", required=True, type=path_arg, help="open_clip ConvNeXt checkpoint (.bin / .pt / .safetensors)"
+    )
+    p.add_argument("--out", required=True, type=path_arg, help="output directory (new or empty unless --overwrite)")
+    p.add_argument("--image-size", type=encoder_side, default=256, help="encoder resolution (256)")
+    p.add_argument("--num-image-tokens", type=bounded_int(4096), default=77, help="LLM tokens per image (77)")
+    p.add_argument(
+        "--image-embed-dim", type=multiple_of(16, "the cross-attention heads", 65536), default=1024, help="(1024)"
+    )
+    p.add_argument(
+        "--decoder-image-size",
+        type=multiple_of(8, "the VAE factor"),
+        default=None,
+        help="diffusion resolution (default: UNet sample_size x VAE factor)",
+    )
+    p.add_argument(
+        "--config-overrides", type=json_object, default=None, help="JSON object (or JSON file) of DeemConfig kwargs"
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=seed_int, default=None, help="seed of the new modules' random init")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN / inf weights in the components")
+    _debug_flag(p)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="original DEEM checkpoint -> HF directory",
+        description="Convert an original DEEM / MM-Interleaved checkpoint into a save_pretrained directory. "
+        "Nothing is written to --out unless the whole conversion (and --verify) succeeds.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=path_arg,
+        help="original .bin / .pt / .safetensors (or a directory of shards)",
+    )
+    p.add_argument("--config", required=True, type=path_arg, help="the original YAML (its `model:` section is used)")
+    p.add_argument("--llm", required=True, type=path_arg, help="LLaMA / Vicuna directory (config.json, tokenizer)")
+    p.add_argument("--sd", type=path_arg, help="Stable Diffusion directory (unet/, vae/, scheduler/ configs)")
+    p.add_argument("--out", required=True, type=path_arg, help="output directory (new or empty)")
+    p.add_argument(
+        "--image-size",
+        type=encoder_side,
+        default=None,
+        help="encoder resolution; read from the YAML's data transforms (`resolution`) when they name it, "
+        "required otherwise (256 stage 1, 448 stages 2-3)",
+    )
+    p.add_argument(
+        "--verify", type=path_arg, help="a fixture directory with inputs.safetensors + intermediates.safetensors"
+    )
+    p.add_argument("--allow-nonfinite", action="store_true", help="accept NaN / inf weights in the checkpoint")
+    _debug_flag(p)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one DEEM stage: deem train --stage N --config cfg.yaml",
+        description="Train one DEEM stage with the HF Trainer (see deem/trainers/configs/ and the docstring of "
+        "deem.trainers.cli for the YAML sections).",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        type=path_arg,
+        help="YAML file, or a shipped config name: tiny, stage1_7b, stage2_7b, stage3_7b",
+    )
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], help="training stage (required unless the config names it)")
+    p.add_argument("--output_dir", type=path_arg, help="shortcut for --set training.output_dir=...")
+    p.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const=True,
+        default=None,
+        type=path_arg,
+        help="resume from PATH, or (no value) from the last complete checkpoint in output_dir",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        type=assignment,
+        metavar="KEY=VALUE",
+        help="change a config entry (YAML value), e.g. training.max_steps=5; repeatable",
+    )
+    p.add_argument("--dry_run", action="store_true", help="build everything, print the plan, do not train")
+    _debug_flag(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deem`` parser with every sub-command (no heavy import)."""
+    parser = _Parser(
+        prog="deem",
+        description="DEEM, the interleaved image-text model: a demo, parameter tables, assembly from component "
+        "checkpoints, conversion of original checkpoints, training.",
+        epilog="An error prints one line (exit status 2: bad arguments, 1: a failure); --debug adds the traceback.",
+    )
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_demo, _add_params, _add_assemble, _add_convert, _add_train):
+        add(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deem-transformers")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None and not extra:  # plain `deem` (or `deem --debug`) is the demo
+        args, extra = parser.parse_known_args([*argv, "demo"])
+    if extra:  # named by the command they were given to (argparse would blame the top-level parser)
+        prog = f"deem {args.command}" if args.command else "deem"
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{prog} --help')", prog=prog)
+    vars(args).pop(_GIVEN, None)
+    return args
+
+
+def parse_command(command: str, argv=None) -> argparse.Namespace:
+    """Parse the arguments of ``deem <command>`` (raises `UsageError`)."""
+    return _parse([command, *(sys.argv[1:] if argv is None else list(argv))])
+
+
+# ---------------------------------------------------------------------------------------------------- commands
 
 
 def format_table(rows, title: str) -> str:
@@ -20,6 +351,8 @@ def format_table(rows, title: str) -> str:
 
 
 def build(config_name: str, device: str | None = None):
+    import torch
+
     from . import DeemConfig, DeemForInterleavedGeneration
 
     config = DeemConfig() if config_name == "7b" else DeemConfig.tiny()
@@ -43,6 +376,8 @@ def cmd_params(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    import torch
+
     from . import DeemConfig, DeemForInterleavedGeneration
 
     torch.manual_seed(args.seed)
@@ -83,43 +418,86 @@ def cmd_demo(args) -> None:
     print(format_table(model.parameter_table(), "\ntiny model, stage 1 (current requires_grad)"))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="deem", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="tiny model, generated images: loss components and parameter table")
-    demo.add_argument("--steps", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
-    params = sub.add_parser("params", help="per-component parameter table for the stage presets")
-    params.add_argument("--config", choices=["7b", "tiny"], default="7b")
-    params.add_argument("--stage", type=int, choices=[1, 2, 3])
-    sub.add_parser(
-        "assemble", help="fresh DEEM from LLaMA + SD-2.1 + open_clip checkpoints (see --help)", add_help=False
-    )
-    sub.add_parser("convert", help="original DEEM checkpoint -> HF directory (see --help)", add_help=False)
-    sub.add_parser(
-        "train", help="train one DEEM stage: deem train --stage N --config cfg.yaml (see --help)", add_help=False
-    )
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "assemble":
-        from .conversion.assemble import main as assemble_main
+def _run_assemble(args):
+    from .conversion.assemble import run
 
-        return assemble_main(rest)
-    if args.command == "convert":
-        from .conversion.convert_original import main as convert_main
+    return run(args)
 
-        return convert_main(rest)
-    if args.command == "train":
-        from .trainers.cli import main as train_main
 
-        return train_main(rest)
-    args = parser.parse_args(argv)
-    if args.command == "params":
-        cmd_params(args)
-    else:
-        if args.command is None:
-            args = demo.parse_args([])
-        cmd_demo(args)
+def _run_convert(args):
+    from .conversion.convert_original import run
+
+    return run(args)
+
+
+def _run_train(args):
+    from .trainers.cli import run
+
+    return run(args)
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "params": cmd_params,
+    "assemble": _run_assemble,
+    "convert": _run_convert,
+    "train": _run_train,
+}
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` (and its notes) on one line; the type is named unless it is a plain value / file
+    error, whose message says what is wrong by itself."""
+    parts = [str(err)] + [str(note) for note in getattr(err, "__notes__", ())]
+    text = " ".join(" ".join(_ANSI.sub("", part).split()) for part in parts if part and str(part).strip())
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = f"missing key {err.args[0]!r}"
+    if not isinstance(err, (ValueError, OSError)) or not text:
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text
+
+
+def _report(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    """``deem`` entry point: returns 0; on an error prints one line and raises ``SystemExit(2)`` (usage) or
+    ``SystemExit(1)`` (failure)."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    debug = False
+    prog = "deem"
+    try:
+        args = _parse(argv)
+        debug = bool(getattr(args, "debug", False))
+        prog = f"deem {args.command}"
+        COMMANDS[args.command](args)
+        return 0
+    except UsageError as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _report(err.prog or prog, one_line(err))
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        _report(prog, "interrupted")
+        raise SystemExit(130) from None
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line (the traceback with --debug)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        message = one_line(err)
+        if not debug and not isinstance(err, (ValueError, OSError)):
+            message += " (run with --debug for the traceback)"
+        _report(prog, message)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

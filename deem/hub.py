@@ -21,12 +21,17 @@ Evaluation results (``results=`` / ``results_json=``), one of:
 * either of the above under a ``"results"`` key (e.g. an evaluation script's JSON file);
 * a path to such a JSON file, or the JSON text itself.
 
-Scores are shown as given (numbers or strings such as ``"68.2 / 70.1"``).
+Scores are shown as given (numbers or strings such as ``"68.2 / 70.1"``); NaN / inf scores are refused.
+
+Arguments are checked before anything is written or sent: a repo id that the Hub would refuse, a missing
+``save_directory``, a results file that does not exist or is not JSON, a bad ``max_shard_size`` ... raise a
+``ValueError`` (``FileNotFoundError`` / ``NotADirectoryError`` for paths) naming the argument.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -38,6 +43,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 __all__ = [
     "CARD_MARKER",
+    "check_repo_id",
     "DEFAULT_BASE_MODELS",
     "DEFAULT_TAGS",
     "normalize_results",
@@ -59,6 +65,64 @@ _DEFAULT_CARD_SIGNS = (
     "<!-- Provide a quick summary of what the model is/does. -->",
 )
 _ROW_KEYS = {"benchmark", "score", "value", "metric", "split", "dataset", "task", "notes", "source_url"}
+_SHARD_SIZE = re.compile(r"(\d+(?:\.\d+)?)(TB|GB|MB|KB)")
+
+
+def check_repo_id(repo_id, what: str = "repo_id") -> str:
+    """``repo_id`` if the Hub accepts it (``name`` or ``namespace/name``), else a ``ValueError`` saying why."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise ValueError(f"{what} must be a string 'name' or 'namespace/name', got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{what} {repo_id!r} is not a valid Hub repo id: {err}") from None
+    return repo_id
+
+
+def _check_str(value, what: str, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def _check_base_models(base_model) -> None:
+    if base_model is None:
+        return
+    items = [base_model] if isinstance(base_model, str) else base_model
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"base_model must be a Hub id or a non-empty list of them, got {base_model!r}")
+    for item in items:
+        check_repo_id(item, "base_model")
+
+
+def _check_tags(tags) -> None:
+    if tags is None:
+        return
+    if (
+        isinstance(tags, str)
+        or not isinstance(tags, (list, tuple))
+        or not all(isinstance(t, str) and t.strip() for t in tags)
+    ):
+        raise ValueError(f"tags must be a list of non-empty strings, got {tags!r}")
+
+
+def _check_shard_size(size) -> None:
+    match = _SHARD_SIZE.fullmatch(size.strip()) if isinstance(size, str) else None
+    ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
+        match is not None and float(match.group(1)) > 0
+    )
+    if not ok:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB', got {size!r}")
+
+
+def _check_num_parameters(num_parameters) -> None:
+    if num_parameters is not None and (
+        isinstance(num_parameters, bool) or not isinstance(num_parameters, int) or num_parameters < 0
+    ):
+        raise ValueError(f"num_parameters must be a non-negative integer, got {num_parameters!r}")
 
 
 def template_path() -> Path:
@@ -84,9 +148,18 @@ def normalize_results(results: Any) -> list[dict]:
     if results is None:
         return []
     if isinstance(results, os.PathLike) or (isinstance(results, str) and not results.lstrip().startswith(("{", "["))):
-        return normalize_results(json.loads(Path(results).read_text(encoding="utf-8")))
+        path = Path(results)
+        if not path.is_file():
+            raise FileNotFoundError(f"results: {str(results)!r} is neither JSON text nor an existing JSON file")
+        try:
+            return normalize_results(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"results: {path} is not valid JSON ({err})") from None
     if isinstance(results, str):
-        return normalize_results(json.loads(results))
+        try:
+            return normalize_results(json.loads(results))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"results: not valid JSON text ({err})") from None
     if isinstance(results, dict) and isinstance(results.get("results"), (dict, list)):
         results = results["results"]
     if isinstance(results, dict):
@@ -113,6 +186,10 @@ def normalize_results(results: Any) -> list[dict]:
         score = row.get("score", row.get("value"))
         if score is None or isinstance(score, bool) or not isinstance(score, (int, float, str)):
             raise ValueError(f"results row {i} ({benchmark}): 'score' must be a number or a string, got {score!r}")
+        if isinstance(score, float) and not math.isfinite(score):
+            raise ValueError(f"results row {i} ({benchmark}): 'score' must be a finite number, got {score!r}")
+        if isinstance(score, str) and not score.strip():
+            raise ValueError(f"results row {i} ({benchmark}): 'score' is an empty string")
         out.append(
             {
                 "benchmark": benchmark.strip(),
@@ -233,6 +310,16 @@ def render_model_card(
         tags: extra tags, added after the DEEM ones.
         template: another template file (default `template_path()`).
     """
+    check_repo_id(repo_id)
+    _check_str(license, "license", optional=False)
+    _check_base_models(base_model)
+    _check_tags(tags)
+    _check_num_parameters(num_parameters)
+    if model_config is None:
+        raise ValueError("model_config must be the model's DeemConfig (or its to_dict()), got None")
+    template_file = Path(template) if template is not None else template_path()
+    if not template_file.is_file():
+        raise FileNotFoundError(f"template: {template_file} is not a file")
     rows = normalize_results(results_json)
     bases = [base_model] if isinstance(base_model, str) else list(base_model or DEFAULT_BASE_MODELS)
     all_tags = list(DEFAULT_TAGS) + [t for t in (tags or []) if t not in DEFAULT_TAGS]
@@ -275,8 +362,15 @@ def render_model_card(
         "loss_weight": f"{loss_weight:g}" if isinstance(loss_weight, (int, float)) else loss_weight,
         "evaluation": _evaluation_section(rows),
     }
-    text = Path(template or template_path()).read_text(encoding="utf-8")
-    return string.Template(text).substitute(values)
+    text = template_file.read_text(encoding="utf-8")
+    try:
+        return string.Template(text).substitute(values)
+    except KeyError as err:
+        raise ValueError(
+            f"template {template_file}: unknown placeholder ${{{err.args[0]}}} (known: {', '.join(sorted(values))})"
+        ) from None
+    except ValueError as err:
+        raise ValueError(f"template {template_file}: {err} (write $$ for a literal dollar)") from None
 
 
 def _is_replaceable(text: str | None) -> bool:
@@ -329,7 +423,14 @@ def write_model_card(
     evaluation results are carried over unless given here; any other card is kept unless ``overwrite=True``. Tags
     of the existing card (e.g. from ``push_to_hub(tags=...)``) are kept.
     """
-    readme = Path(save_directory) / "README.md"
+    folder = Path(save_directory)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a directory"
+        raise NotADirectoryError(f"save_directory {folder} {what}")
+    check_repo_id(repo_id)
+    readme = folder / "README.md"
+    if readme.exists() and not readme.is_file():
+        raise IsADirectoryError(f"{readme} is not a file")
     existing = readme.read_text(encoding="utf-8") if readme.is_file() else None
     if not overwrite and not _is_replaceable(existing):
         return None
@@ -379,6 +480,21 @@ def push_model(
     Returns the ``CommitInfo`` (``oid``: the new head of ``revision``; ``pr_revision`` with ``create_pr=True``).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    check_repo_id(repo_id)
+    if not callable(getattr(model, "save_pretrained", None)) or not hasattr(model, "config"):
+        raise ValueError(
+            f"model must be a PreTrainedModel (with save_pretrained and config), got {type(model).__name__}"
+        )
+    if processor is not None and not callable(getattr(processor, "save_pretrained", None)):
+        raise ValueError(f"processor must have save_pretrained (or be None), got {type(processor).__name__}")
+    _check_str(revision, "revision")
+    _check_str(commit_message, "commit_message", optional=False)
+    _check_str(license, "license")
+    _check_base_models(base_model)
+    _check_shard_size(max_shard_size)
+    if results is not None:
+        normalize_results(results)  # a bad results file fails here, before anything is pushed
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

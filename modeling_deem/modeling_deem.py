@@ -17,6 +17,7 @@ to ``reference/original-deem.md``.
 
 import contextlib
 import dataclasses
+import importlib
 import re
 
 import torch
@@ -840,8 +841,12 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
     model_card_writer = None
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        if self.model_card_writer is not None:
-            type(self).model_card_writer(working_dir, self.config, repo_id, num_parameters=self.num_parameters())
+        writer = type(self).model_card_writer
+        if writer is None and __name__.startswith("deem."):  # the package's own class, however it was imported
+            # through importlib: the copies of this file loaded with trust_remote_code must not require `deem`
+            writer = importlib.import_module("deem.hub").write_model_card
+        if writer is not None:
+            writer(working_dir, self.config, repo_id, num_parameters=self.num_parameters())
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     # ------------------------------------------------------------------ parts

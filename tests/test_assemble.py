@@ -8,6 +8,7 @@ text tower.
 """
 
 import json
+import os
 import shutil
 
 import pytest
@@ -487,7 +488,10 @@ def test_cli_writes_the_model(components, tmp_path, capsys):
         weights.update(load_file(shard))
     assert weights["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
     assert weights["image_decoder.vae.encoder.conv_in.weight"].dtype == torch.float32  # the VAE stays fp32
-    with pytest.raises(SystemExit):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the permissions of mkdir, not mkdtemp's 0700
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
         main(
             [
                 "--llm",

@@ -58,7 +58,8 @@ def test_command_line_converts_and_verifies(original_files, parity_a_dir, tmp_pa
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "verified" in proc.stderr
+    assert f"verified against {parity_a_dir}" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temporary folder left behind
     from deem import DeemForInterleavedGeneration
 
     model = DeemForInterleavedGeneration.from_pretrained(out)
@@ -69,11 +70,14 @@ def test_command_line_converts_and_verifies(original_files, parity_a_dir, tmp_pa
 
 def test_safetensors_checkpoint_and_python_api(original_files, parity_a_dir):
     from deem.conversion.convert_original import convert, verify
+    from deem.conversion.original import ConversionError
 
     root, state = original_files
     save_file(state, root / "model.safetensors")
     cfg = yaml.safe_load((root / "pretrain.yaml").read_text())["model"]
     model = convert(root / "model.safetensors", cfg, root / "llm", root / "sd", image_size=64)
+    with pytest.raises(ConversionError, match="image_size .* is required"):  # the Python API does not guess either
+        convert(root / "model.safetensors", cfg, root / "llm", root / "sd")
     report = verify(model, parity_a_dir)
     assert max(report.values()) < 1e-4 and "logits_sel" in report
 
@@ -156,6 +160,8 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(original_files, tmp_path
                 str(root / "llm"),
                 "--out",
                 str(out),
+                "--image-size",
+                "64",
             ]
         )
     assert not out.exists()
@@ -175,3 +181,35 @@ def test_duplicated_null_embedding_must_agree(original_files):
     )
     with pytest.raises(ConversionError, match="ignore_token.*all zeros"):
         convert_state_dict(bad)
+
+
+@pytest.mark.parametrize("side", [48, 96, 224])
+def test_converted_weights_run_at_other_encoder_sizes(original_files, side):
+    """The original runs its weights at other encoder resolutions (48 px: maps 12, 6, 3, 1; stage-1 weights at
+    448): conversion at such a size gives a model that trains and generates there (the cross-attention keeps the
+    configured map shapes for its offsets, as the original does)."""
+    from conftest import tiny_batch
+
+    from deem.conversion.convert_original import convert
+
+    root, _ = original_files
+    cfg = yaml.safe_load((root / "pretrain.yaml").read_text())["model"]
+    model = convert(root / "pytorch_model.bin", cfg, root / "llm", root / "sd", image_size=side)
+    assert model.config.vision_config.image_size == side
+    batch = tiny_batch(model.config, seed=side)
+    assert batch["pixel_values"].shape[-1] == side
+    model.train()
+    out = model(**batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.loss_nip is not None and out.loss_csr is not None
+    out.loss.backward()
+    model.eval()
+    with torch.no_grad():
+        ids = batch["input_ids"][:1, :-1]
+        gen = model.generate(
+            input_ids=ids,
+            pixel_values=batch["pixel_values"][:2],
+            num_images=batch["num_images"][:1],
+            max_new_tokens=2,
+            soi="stop",
+        )
+    assert gen.shape[1] >= ids.shape[1] + 1
