@@ -23,7 +23,9 @@ This file must not import ``modeling_deem`` at module level (``modeling_deem`` i
 import inspect
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 
 import torch
@@ -226,6 +228,29 @@ class DeemImagePipeline(DiffusionPipeline):
     @staticmethod
     def _component_names() -> list[str]:
         return ["unet", "vae", "side_network", "decoder_perceiver"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained``; into a new (or empty) folder it writes through a staging folder
+        next to it, renamed at the end, so that a failure leaves nothing behind."""
+        target = os.path.abspath(os.fspath(save_directory))
+        if kwargs.get("push_to_hub") or (os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target))):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        parent = os.path.dirname(target)
+        made_parent = not os.path.exists(parent)
+        os.makedirs(parent, exist_ok=True)
+        staging = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        try:
+            result = super().save_pretrained(staging, *args, **kwargs)
+            if os.path.isdir(target):
+                os.rmdir(target)  # empty
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if made_parent:
+                shutil.rmtree(parent, ignore_errors=True)
+            raise
+        return result
 
     def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
         """``model_index.json`` as diffusers writes it, naming this class through ``pipeline_deem.py`` (written

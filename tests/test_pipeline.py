@@ -650,3 +650,28 @@ def test_saved_pipeline_loads_in_a_fresh_process(model, pipe, saved_pipe):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT") :])
     assert out == {"cls": "deem.modeling.pipeline_deem.DeemImagePipeline", "equal": True}
+
+
+def test_a_failed_save_leaves_nothing(pipe, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(pipe.side_network), "save_pretrained", broken)
+    target = tmp_path / "new" / "pipe"
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(target)
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    pipe.save_pretrained(target)  # then it works, with the usual permissions
+    assert (target / "model_index.json").is_file() and not [
+        p for p in target.parent.iterdir() if p.name.startswith(".")
+    ]
+    assert (target.stat().st_mode & 0o777) == (0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
