@@ -91,9 +91,22 @@ PROMPT_KINDS = tuple(TEMPLATES)
 
 
 def _template(kind: str) -> PromptTemplate:
+    if not isinstance(kind, str):
+        raise TypeError(f"prompt kind must be a string (one of {', '.join(PROMPT_KINDS)}), got {type(kind).__name__}")
     if kind not in TEMPLATES:
         raise ValueError(f"unknown prompt kind {kind!r}; expected one of {', '.join(PROMPT_KINDS)}")
     return TEMPLATES[kind]
+
+
+def _check_fields(kind: str, fields: dict) -> None:
+    """Fields are strings, and each one is used by `kind` (a misspelt name would otherwise vanish silently)."""
+    wrong = {name: type(value).__name__ for name, value in fields.items() if not isinstance(value, str)}
+    if wrong:
+        raise TypeError(f"prompt {kind!r}: fields must be strings, got {wrong}")
+    unknown = sorted(set(fields) - _template(kind).fields())
+    if unknown:
+        expected = sorted(_template(kind).fields())
+        raise ValueError(f"prompt {kind!r} has no field(s) {unknown}; its fields are {expected}")
 
 
 def _fill(kind: str, text: str, fields: dict) -> str:
@@ -109,6 +122,7 @@ def format_prompt(kind: str, **fields) -> str:
     Returns ``f"{system} {user} {assistant}".strip()`` with ``<image>`` markers; generation continues from its end.
     """
     template = _template(kind)
+    _check_fields(kind, fields)
     user, assistant = _fill(kind, template.user, fields), _fill(kind, template.assistant, fields)
     return f"{template.system} {user} {assistant}".strip()
 
@@ -118,6 +132,7 @@ def sft_target(kind: str, **fields) -> str:
     template = _template(kind)
     if template.target is None:
         raise ValueError(f"prompt {kind!r} is an evaluation prompt and has no SFT target")
+    _check_fields(kind, fields)
     return _fill(kind, template.target, fields)
 
 
@@ -129,6 +144,14 @@ def format_visdial(
     `history`: the (question, answer) rounds before `question`. The original's loop stops one round early, dropping
     the round right before the asked one (bug B23); `skip_previous_round=True` reproduces that.
     """
+    for name, value in (("caption", caption), ("question", question)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if not isinstance(history, (list, tuple)):
+        raise TypeError(f"history must be a list of (question, answer) pairs, got {type(history).__name__}")
+    for k, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise TypeError(f"history[{k}] must be a (question, answer) pair of strings, got {pair!r}")
     rounds = history[:-1] if skip_previous_round else history
     text = f"{SYSTEM_PROMPT}  ## USER: {IMAGE_MARKER} caption: {caption}. "
     text += "".join(f"question: {q}? answer: {a}. " for q, a in rounds)

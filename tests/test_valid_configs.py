@@ -15,9 +15,10 @@ SIDES = [48, 40, 36, 50, 96]  # 48: the original's smallest maps are 1x1; none i
 
 
 def _vision(side, **extra):
-    return dict(
-        depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), embed_dim=32, image_size=side, grid_size=4, drop_path_rate=0.0
-    ) | extra
+    return (
+        dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), embed_dim=32, image_size=side, grid_size=4, drop_path_rate=0.0)
+        | extra
+    )
 
 
 def _train_step(model, batch):
