@@ -20,7 +20,6 @@ from __future__ import annotations
 import glob
 import gzip
 import io
-import logging
 import os
 import zipfile
 from collections import Counter
@@ -30,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
+from transformers.utils import logging
 
 from ...modeling.prompts import IMAGE_MARKER
 
-logger = logging.getLogger("deem.trainers.data")
+logger = logging.get_logger("deem.trainers.data")  # transformers' logging, one name for the readers
 
 ON_ERROR = ("skip", "raise")
 SKIP_REASONS = ("missing_image", "corrupt_image", "too_many_images", "too_long", "mask_mismatch", "bad_record")

@@ -19,16 +19,16 @@ Text-only records are dropped (``dropped["text_only"]``) as the original's conve
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
+from transformers.utils import logging
 
 from ...modeling.prompts import EOS, IMAGE_MARKER, SYSTEM_PROMPT, format_prompt, sft_target
 from ._common import BadSample
 from .images import ImageStore
 from .sources import MapSource
 
-logger = logging.getLogger("deem.trainers.data")
+logger = logging.get_logger("deem.trainers.data")  # transformers' logging, one name for the readers
 MULTI_TURN = ("split", "keep")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
