@@ -23,6 +23,24 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DEEM_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
+def write_original_configs(parity_a_dir: Path, root: Path) -> dict:
+    """Fixture A's configs as a user has them next to an original checkpoint: the YAML's model section
+    (``pretrain.yaml``), a LLaMA dir (``llm/config.json``) and an SD dir (unet / vae / scheduler configs)."""
+    import json
+
+    import yaml
+
+    configs = json.loads((parity_a_dir / "configs.json").read_text())
+    (root / "pretrain.yaml").write_text(yaml.safe_dump({"model": configs["model_config"]}))
+    (root / "llm").mkdir()
+    (root / "llm" / "config.json").write_text(json.dumps(configs["llama_config"]))
+    sd = configs["stable_diffusion"]
+    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        (root / "sd" / sub).mkdir(parents=True)
+        (root / "sd" / sub / name).write_text(json.dumps(sd[f"{sub}/{name}"]))
+    return configs
+
+
 @pytest.fixture(scope="session")
 def parity_a_dir():
     path = FIXTURES / "parity_a"

@@ -29,16 +29,11 @@ from deem.cli import main
 @pytest.fixture(scope="module")
 def original(parity_a_dir, tmp_path_factory):
     """Fixture A as a user has it: a safetensors checkpoint, the YAML's model section, a LLaMA dir, an SD dir."""
+    from conftest import write_original_configs
+
     root = tmp_path_factory.mktemp("original")
-    configs = json.loads((parity_a_dir / "configs.json").read_text())
     shutil.copy(parity_a_dir / "original_state_dict.safetensors", root / "model.safetensors")
-    (root / "pretrain.yaml").write_text(yaml.safe_dump({"model": configs["model_config"]}))
-    (root / "llm").mkdir()
-    (root / "llm" / "config.json").write_text(json.dumps(configs["llama_config"]))
-    sd = configs["stable_diffusion"]
-    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
-        (root / "sd" / sub).mkdir(parents=True)
-        (root / "sd" / sub / name).write_text(json.dumps(sd[f"{sub}/{name}"]))
+    configs = write_original_configs(parity_a_dir, root)
     return SimpleNamespace(root=root, configs=configs)
 
 

@@ -1,6 +1,5 @@
 """Original checkpoint -> HF directory: the command line on fixture A's files, --verify, and bad input."""
 
-import json
 import pickle
 import subprocess
 import sys
@@ -14,19 +13,13 @@ from safetensors.torch import save_file
 @pytest.fixture(scope="module")
 def original_files(parity_a_dir, tmp_path_factory):
     """Fixture A as a user would have it: a .bin checkpoint, the YAML, a LLaMA dir and an SD dir."""
+    from conftest import write_original_configs
     from safetensors.torch import load_file
 
     root = tmp_path_factory.mktemp("original")
-    configs = json.loads((parity_a_dir / "configs.json").read_text())
     state = load_file(parity_a_dir / "original_state_dict.safetensors")
     torch.save(state, root / "pytorch_model.bin")
-    (root / "pretrain.yaml").write_text(yaml.safe_dump({"model": configs["model_config"]}))
-    (root / "llm").mkdir()
-    (root / "llm" / "config.json").write_text(json.dumps(configs["llama_config"]))
-    sd = configs["stable_diffusion"]
-    for sub, name in (("unet", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
-        (root / "sd" / sub).mkdir(parents=True)
-        (root / "sd" / sub / name).write_text(json.dumps(sd[f"{sub}/{name}"]))
+    write_original_configs(parity_a_dir, root)
     return root, state
 
 
