@@ -305,15 +305,14 @@ class DeemGenerationMixin(GenerationMixin):
             options = options.tolist()
         if not isinstance(options, (list, tuple)) or not options:
             raise ValueError(f"options must be a non-empty list of token-id lists, got {options!r}")
+        options = [o.tolist() if isinstance(o, torch.Tensor) else o for o in options]
         for i, option in enumerate(options):
-            if isinstance(option, torch.Tensor):
-                option = option.tolist()
             if not isinstance(option, (list, tuple)) or not option:
                 raise ValueError(f"options[{i}] must be a non-empty list of token ids, got {option!r}")
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in option):
                 raise TypeError(f"options[{i}] must hold integer token ids, got {option!r}")
             check_token_ids(cfg, torch.tensor(option), f"options[{i}]")
-        options = [list(o.tolist() if isinstance(o, torch.Tensor) else o) for o in options]
+        options = [list(o) for o in options]
         batch, n_opt = input_ids.shape[0], len(options)
         width = max(len(o) for o in options)
         if attention_mask is None:

@@ -15,7 +15,36 @@ from transformers import initialization as init
 from .configuration_deem import DeemConfig, DeemDecoderPerceiverConfig
 from .mmfs import DeemUNetSideNetwork, unet_forward_with_side
 from .pos_embed import sincos_1d
+from .sequence_deem import _describe
 from .vision import DeemPerceiverBody
+
+
+def check_draws(draws, name: str, n: int, latent_shape: tuple[int, ...], num_train_timesteps: int) -> None:
+    """Raise a ``ValueError`` naming the field that does not fit ``n`` images of latents ``latent_shape``."""
+    if not isinstance(draws, DiffusionDraws):
+        raise TypeError(f"{name} must be a DiffusionDraws, got {type(draws).__name__}")
+    for field, expected in (("latent_noise", (n, *latent_shape)), ("noise", (n, *latent_shape))):
+        value = getattr(draws, field)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name}.{field} must be a float tensor {expected}, got {type(value).__name__}")
+        if tuple(value.shape) != expected:
+            raise ValueError(f"{name}.{field} must have shape {expected}, got {tuple(value.shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}.{field} holds NaN or infinite values")
+    t = draws.timesteps
+    if t is not None:
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or tuple(t.shape) != (n,):
+            raise ValueError(f"{name}.timesteps must be {n} integer timesteps, got {_describe(t)}")
+        if n and (int(t.min()) < 0 or int(t.max()) >= num_train_timesteps):
+            raise ValueError(
+                f"{name}.timesteps must be in [0, {num_train_timesteps}), got {int(t.min())}..{int(t.max())}"
+            )
+    flags = draws.null_condition
+    if flags is not None:
+        if not isinstance(flags, torch.Tensor) or flags.numel() != n:
+            raise ValueError(f"{name}.null_condition must hold {n} flags (one per image), got {_describe(flags)}")
 
 
 def initialize_unless_loaded(model: PreTrainedModel, module: nn.Module) -> None:
@@ -117,10 +146,6 @@ class DeemDecoderPerceiver(DeemPerceiverBody, PreTrainedModel):
         return condition
 
 
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
 @dataclass
 class DiffusionDraws:
     """Random draws of one diffusion loss branch, for reproducible research and parity checks.
@@ -135,33 +160,6 @@ class DiffusionDraws:
     noise: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
     null_condition: torch.Tensor | None = None
-
-    def check(self, name: str, n: int, latent_shape: tuple[int, ...], num_train_timesteps: int) -> None:
-        """Raise a ``ValueError`` naming the field that does not fit ``n`` images of latents ``latent_shape``."""
-        if not isinstance(self, DiffusionDraws):
-            raise TypeError(f"{name} must be a DiffusionDraws, got {type(self).__name__}")
-        for field, expected in (("latent_noise", (n, *latent_shape)), ("noise", (n, *latent_shape))):
-            value = getattr(self, field)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                raise TypeError(f"{name}.{field} must be a float tensor {expected}, got {type(value).__name__}")
-            if tuple(value.shape) != expected:
-                raise ValueError(f"{name}.{field} must have shape {expected}, got {tuple(value.shape)}")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name}.{field} holds NaN or infinite values")
-        t = self.timesteps
-        if t is not None:
-            if not isinstance(t, torch.Tensor) or t.is_floating_point() or tuple(t.shape) != (n,):
-                raise ValueError(f"{name}.timesteps must be {n} integer timesteps, got {_describe(t)}")
-            if n and (int(t.min()) < 0 or int(t.max()) >= num_train_timesteps):
-                raise ValueError(
-                    f"{name}.timesteps must be in [0, {num_train_timesteps}), got {int(t.min())}..{int(t.max())}"
-                )
-        flags = self.null_condition
-        if flags is not None:
-            if not isinstance(flags, torch.Tensor) or flags.numel() != n:
-                raise ValueError(f"{name}.null_condition must hold {n} flags (one per image), got {_describe(flags)}")
 
     def select(self, index: torch.Tensor) -> "DiffusionDraws":
         """The draws of the images ``index`` (the null-condition flags are taken whole: they index all images)."""

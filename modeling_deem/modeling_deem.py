@@ -37,10 +37,17 @@ from transformers.utils import logging
 from .compat import ATTENTION_CACHE_KW, CACHE_FIELD, MASK_CACHE_KW, model_output_class, pop_cache_kwarg
 from .configuration_deem import DeemConfig
 from .generation_deem import DeemGenerateOutput, DeemGenerationMixin, DeemStreamer
-from .image_decoder_deem import DeemDecoderPerceiver, DeemImageDecoder, DiffusionDraws, initialize_unless_loaded
+from .image_decoder_deem import (
+    DeemDecoderPerceiver,
+    DeemImageDecoder,
+    DiffusionDraws,
+    check_draws,
+    initialize_unless_loaded,
+)
 from .mmfs import DeemGatedCrossAttention
 from .sequence_deem import (
     DeemImageMemory,
+    _describe,
     _image_context_spans,
     _image_runs,
     _image_start_table,
@@ -313,8 +320,8 @@ class DeemTextHead(nn.Module):
 
 def check_decoder_views(config: DeemConfig, pixel_values, pixel_values_decoder):
     """The decoder views of the diffusion losses: one [3,D,D] float view per image, D the decoder resolution."""
-    if pixel_values is not None:
-        check_pixels(pixel_values, "pixel_values")
+    if pixel_values is not None and not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
     if pixel_values_decoder is None:
         return
     check_pixels(pixel_values_decoder, "pixel_values_decoder")
@@ -332,10 +339,6 @@ def check_decoder_views(config: DeemConfig, pixel_values, pixel_values_decoder):
 def _as_dtype(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Floating pixels in the model's dtype; anything else is left for the image encoder to refuse."""
     return pixels.to(dtype) if pixels.is_floating_point() else pixels
-
-
-def _describe(x) -> str:
-    return f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def is_tracing() -> bool:
@@ -999,7 +1002,7 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             steps = self.noise_scheduler.config.num_train_timesteps
             for name, draws in (("csr_draws", csr_draws), ("nip_draws", nip_draws)):
                 if draws is not None:
-                    DiffusionDraws.check(draws, name, n, latent_shape, steps)
+                    check_draws(draws, name, n, latent_shape, steps)
 
         outputs = self.model(
             input_ids=input_ids,

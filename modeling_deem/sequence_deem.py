@@ -54,12 +54,6 @@ class DeemImageMemory:
         """The memory of ``rows`` only."""
         return self._map(lambda t: t[rows.to(t.device)])
 
-    def to(self, *args, **kwargs) -> "DeemImageMemory":
-        """Floating tensors follow ``Tensor.to(*args, **kwargs)``; ``image_starts`` moves device only."""
-        moved = self._map(lambda t: t.to(*args, **kwargs) if t.is_floating_point() else t)
-        device = moved.vision_states.device
-        return replace(moved, image_starts=self.image_starts.to(device))
-
     def states_for(self, model) -> tuple[torch.Tensor, bool]:
         """(what ``model``'s cross-attention layers read, whether it is already projected per layer)."""
         if self.projected is not None and self.projected_by == id(model):
@@ -167,8 +161,8 @@ def check_token_ids(config: DeemConfig, ids, name: str = "input_ids", allow_igno
         raise ValueError(f"{name} holds id {bad}, outside the model's vocabulary {allowed}")
 
 
-def check_pixels(pixels, name: str, channels: int = 3) -> None:
-    """A float [N, C, H, W] image batch with finite values in [0, 1] (the model normalises them itself)."""
+def check_pixel_layout(pixels, name: str, channels: int = 3) -> None:
+    """A float [N, C, H, W] tensor with data (type, device, shape and dtype only: no pass over the values)."""
     if not isinstance(pixels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(pixels).__name__}")
     if pixels.device.type == "meta":
@@ -176,12 +170,20 @@ def check_pixels(pixels, name: str, channels: int = 3) -> None:
     if pixels.dim() != 4:
         raise ValueError(f"{name} must be a 4-D [N, {channels}, H, W] tensor, got shape {tuple(pixels.shape)}")
     if pixels.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channel(s), got {pixels.shape[1]} (shape {tuple(pixels.shape)})")
+        raise ValueError(
+            f"{name} must have {channels} channel(s), got {pixels.shape[1]} ({channels} channels expected, shape "
+            f"{tuple(pixels.shape)})"
+        )
     if not pixels.is_floating_point():
         raise TypeError(
             f"{name} must be a floating-point tensor in [0, 1], got dtype {pixels.dtype} (divide 0-255 images by 255 "
             "or use the processor)"
         )
+
+
+def check_pixels(pixels, name: str, channels: int = 3) -> None:
+    """A float [N, C, H, W] image batch with finite values in [0, 1] (the model normalises them itself)."""
+    check_pixel_layout(pixels, name, channels)
     if pixels.numel() == 0:
         return
     if not bool(torch.isfinite(pixels).all()):
@@ -233,15 +235,17 @@ def check_sequence_inputs(
                 "attention_mask must be [batch, seq_len] (or a 4-D additive mask), got shape "
                 f"{tuple(attention_mask.shape)}"
             )
-        if attention_mask.dim() == 2 and attention_mask.numel():
+        # decoding steps get the library's own masks: the value scan runs once, on the whole mask
+        if attention_mask.dim() == 2 and attention_mask.numel() and past_len == 0:
             if attention_mask.is_floating_point() and not bool(torch.isfinite(attention_mask).all()):
                 raise ValueError("attention_mask holds NaN or infinite values")
             if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("a 2-D attention_mask must hold 0 (padding) and 1 (token) only")
+    # their values are the image encoder's to check (it reads them first): one pass over the pixels
     if pixel_values is not None:
-        check_pixels(pixel_values, "pixel_values")
+        check_pixel_layout(pixel_values, "pixel_values")
     if image_masks is not None:
-        check_pixels(image_masks, "image_masks", channels=1)
+        check_pixel_layout(image_masks, "image_masks", channels=1)
     max_len = config.text_config.max_position_embeddings
     total = past_len + input_ids.shape[1]
     if total > max_len:

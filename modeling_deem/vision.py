@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_deem import DeemConfig, DeemPerceiverConfig, DeemVisionConfig
 from .pos_embed import resize_table, sincos_2d
-from .sequence_deem import check_pixels
+from .sequence_deem import check_pixel_layout, check_pixels
 
 __all__ = [
     "DeemConvNextBackbone",
@@ -447,16 +447,8 @@ class DeemImageEncoder(nn.Module):
     # ---------------------------------------------------------------- validation
 
     def _check_inputs(self, pixel_values, image_masks):
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be 4-D [N, 3, H, W], got shape {tuple(pixel_values.shape)}")
-        if pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have 3 channels (RGB), got {pixel_values.shape[1]} channels")
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be a floating-point tensor in [0, 1], got dtype {pixel_values.dtype}")
-        if not torch.compiler.is_compiling():
-            check_pixels(pixel_values, "pixel_values")
+        tracing = torch.compiler.is_compiling()
+        (check_pixel_layout if tracing else check_pixels)(pixel_values, "pixel_values")
         height, width = pixel_values.shape[-2:]
         if height != width or height < STRIDE:
             # any square side the trunk can reduce to a 1x1 last map (the original runs 48 px: maps 12, 6, 3, 1)
@@ -471,8 +463,7 @@ class DeemImageEncoder(nn.Module):
         expected = (pixel_values.shape[0], 1, height, width)
         if tuple(image_masks.shape) != expected:
             raise ValueError(f"image_masks must have shape [N, 1, H, W] = {expected}, got {tuple(image_masks.shape)}")
-        if not torch.compiler.is_compiling():
-            check_pixels(image_masks, "image_masks", channels=1)  # soft masks are read as mask > 0
+        (check_pixel_layout if tracing else check_pixels)(image_masks, "image_masks", channels=1)  # soft: mask > 0
 
     # ---------------------------------------------------------------- forward
 

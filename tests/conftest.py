@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny configs and models built in-process (no downloads)."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,24 @@ def _restore_threads():
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("DEEM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+# accelerate's own launcher with two real processes; on CPU it needs --multi_gpu to use torch.distributed (gloo),
+# plain --cpu --num_processes 2 goes to its MPI launcher and starts one process
+ACCELERATE_TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def write_original_configs(parity_a_dir: Path, root: Path) -> dict:

@@ -456,23 +456,18 @@ def test_two_processes_match_one(tmp_path):
 
     sets = ["training.max_steps=4", "training.logging_steps=1", "training.warmup_steps=1"]
     two = tmp_path / "two"
-    # accelerate's own launcher with real processes; on CPU it needs --multi_gpu to use torch.distributed (gloo),
-    # plain --cpu --num_processes 2 goes to its MPI launcher and starts one process
-    accelerate = [
-        sys.executable,
+    from conftest import ACCELERATE_TWO_PROCESSES
+
+    cmd = ACCELERATE_TWO_PROCESSES + [
         "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
+        "deem.trainers",
+        "--stage",
         "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        "--config",
+        "tiny",
+        "--output_dir",
+        str(two),
     ]
-    cmd = accelerate + ["-m", "deem.trainers", "--stage", "1", "--config", "tiny", "--output_dir", str(two)]
     for s in sets:
         cmd += ["--set", s]
     _run(cmd, cwd=tmp_path)

@@ -103,25 +103,14 @@ def test_streaming_reader_under_two_processes_reads_each_sample_once(tmp_path):
     (accelerate must not split or dispatch the readers' own per-rank shards again)."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     (tmp_path / "pairs").mkdir()
     shards = write_pair_tars(tmp_path / "pairs", 2, 4)
     here = Path(__file__).parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+    from conftest import ACCELERATE_TWO_PROCESSES
+
+    cmd = ACCELERATE_TWO_PROCESSES + [
         str(here / "streaming_ranks_script.py"),
         str(tmp_path / "out"),
         *shards,
