@@ -221,6 +221,9 @@ class DeemConfig(PretrainedConfig):
     ``cfg_dropout_prob``: probability that an image's NIP condition is replaced by the learned null embedding.
     ``csr_timestep_scale``: CSR timesteps t are remapped to ``round((t - T/2) * scale + T/2)`` (§4.3).
     ``context_max_positions``: length of the 1-D sin-cos table added to the reversed LLM context (§2.8).
+    ``nip_context_start``: where an image's decoder context starts, "nearest_bos" (the last ``<s>`` before its
+    ``<|startofimage|>``: its own document in a packed row; default) or "row_start" (the row's first token, what the
+    original computes without ``nearest_bos_idxs``: reproduces its NIP numbers on packed rows).
     """
 
     model_type = "deem"
@@ -260,6 +263,7 @@ class DeemConfig(PretrainedConfig):
     cfg_dropout_prob: float = 0.1
     csr_timestep_scale: float = 0.6
     context_max_positions: int = 2048
+    nip_context_start: str = "nearest_bos"
     new_token_logit_init: float = -5.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -269,6 +273,10 @@ class DeemConfig(PretrainedConfig):
             self.diffusion_config = {}
         if not self.use_diffusion:
             self.diffusion_config = None
+        if self.nip_context_start not in ("nearest_bos", "row_start"):
+            raise ValueError(
+                f"DeemConfig: nip_context_start must be 'nearest_bos' or 'row_start', got {self.nip_context_start!r}"
+            )
         super().__post_init__(**kwargs)
         self.decoder_perceiver_config.null_condition = self.diffusion_config is not None
         if self.cross_attention_config.spatial_shapes is None:

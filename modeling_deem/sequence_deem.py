@@ -89,38 +89,99 @@ def cross_attention_visibility(
     ``image_starts`` [B,N] absolute positions of the images' first placeholders (-1: no image); ``offset``:
     absolute position of ``input_ids[:, 0]`` (cached decoding)."""
     pos = torch.arange(input_ids.shape[1], device=input_ids.device) + offset
-    bos_at = torch.where(input_ids == bos_token_id, pos[None], torch.full_like(input_ids, -1))
-    nearest_bos = torch.cummax(bos_at, dim=1).values  # [B,L]
+    document = nearest_bos(input_ids, bos_token_id, offset)  # [B,L]
     starts = image_starts[:, None, :]
-    return (starts >= 0) & (starts <= pos[None, :, None]) & (starts > nearest_bos[..., None])
+    return (starts >= 0) & (starts <= pos[None, :, None]) & (starts > document[..., None])
 
 
-def _image_context_spans(runs, input_ids, attention_mask, bos_token_id):
-    """Per image: row, position of its ``<|startofimage|>``, and the first context position (the nearest
-    ``<s>`` before the soi, or the first real token of the row). Returns three [N] long tensors."""
+NIP_CONTEXT_STARTS = ("nearest_bos", "row_start")
+
+
+def _image_context_spans(runs, input_ids, attention_mask, bos_token_id, context_start: str = "nearest_bos"):
+    """Per image: row, position of its ``<|startofimage|>``, and the first context position. ``context_start``
+    "nearest_bos" (default): the nearest ``<s>`` before the soi (the image's own document), or the first real token
+    of the row; "row_start": the first real token of the row, what the original computes when it is not given
+    ``nearest_bos_idxs`` (§2.8), so that packed rows reproduce its NIP numbers. Returns three [N] long tensors."""
+    if context_start not in NIP_CONTEXT_STARTS:
+        raise ValueError(f"context_start must be one of {NIP_CONTEXT_STARTS}, got {context_start!r}")
     device = input_ids.device
     rows = torch.tensor([b for b, _, _ in runs], dtype=torch.long, device=device)
     soi = torch.tensor([s - 1 for _, s, _ in runs], dtype=torch.long, device=device)
-    pos = torch.arange(input_ids.shape[1], device=device)
     first_real = torch.zeros(input_ids.shape[0], dtype=torch.long, device=device)
     if attention_mask is not None:
         first_real = attention_mask.long().argmax(dim=1)
-    bos_at = torch.where(input_ids == bos_token_id, pos[None], torch.full_like(input_ids, -1))
-    nearest_bos = torch.cummax(bos_at, dim=1).values[rows, soi]
-    starts = torch.maximum(nearest_bos, first_real[rows])
-    return rows, soi, starts
+    if context_start == "row_start":
+        return rows, soi, first_real[rows]
+    nearest = nearest_bos(input_ids, bos_token_id)[rows, soi]
+    return rows, soi, torch.maximum(nearest, first_real[rows])
 
 
-def default_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: DeemConfig) -> torch.Tensor:
-    """Next-token targets by the rules of §4.1 (unshifted, HF convention): ignore padding (``attention_mask`` 0,
-    or the pad id when no mask is given), image placeholders, ``<s>``, and a ``<|startofimage|>`` that
-    directly follows ``<s>`` (an image opening a document is not predicted)."""
+def last_position(input_ids: torch.Tensor, token_id: int, offset: int = 0) -> torch.Tensor:
+    """[B, L] absolute position of the last ``token_id`` at or before each token (-1 where there is none);
+    ``offset``: absolute position of ``input_ids[:, 0]``."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device) + offset
+    at = torch.where(input_ids == token_id, pos[None], torch.full_like(input_ids, -1))
+    return torch.cummax(at, dim=1).values
+
+
+def nearest_bos(input_ids: torch.Tensor, bos_token_id: int, offset: int = 0) -> torch.Tensor:
+    """[B, L] position of the nearest ``<s>`` at or before each token (-1: none): where its document starts (§2.5)."""
+    return last_position(input_ids, bos_token_id, offset)
+
+
+def image_conditioned(input_ids: torch.Tensor, bos_token_id: int, soi_token_id: int) -> torch.Tensor:
+    """[B, L] bool: an image of the token's own document starts at or before it (the last ``<|startofimage|>`` at
+    or before the token comes after the last ``<s>`` at or before it), §4.1 rule 2."""
+    last_soi = last_position(input_ids, soi_token_id)
+    last_bos = last_position(input_ids, bos_token_id)
+    return (last_soi >= 0) & (last_soi > last_bos)
+
+
+def default_labels(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    config: DeemConfig,
+    supervised: torch.Tensor | None = None,
+    no_image_no_loss=None,
+) -> torch.Tensor:
+    """Next-token targets by the rules of §4.1 (unshifted, HF convention), the one implementation the model, the
+    collators and the trainer's token count use: ignore padding (``attention_mask`` 0, or the pad id when no mask
+    is given), image placeholders, ``<s>``, and a ``<|startofimage|>`` that directly follows ``<s>`` (an image
+    opening a document is not predicted).
+
+    ``supervised`` [B, L] bool (optional): tokens of unsupervised segments (SFT prompts) are ignored too.
+    ``no_image_no_loss`` (bool, or [B] bool per row; optional): the original's rule for the sources in
+    ``dataset_to_ignore_noimage_cond_loss`` (§4.1 rule 2): a token with no image of its own document at or before
+    it is ignored."""
     labels = input_ids.clone()
     ignore = (input_ids == config.image_token_id) | (input_ids == config.bos_token_id)
     ignore |= (attention_mask == 0) if attention_mask is not None else (input_ids == config.pad_token_id)
     prev = F.pad(input_ids[:, :-1], (1, 0), value=-1)
     ignore |= (input_ids == config.soi_token_id) & (prev == config.bos_token_id)
+    if supervised is not None:
+        ignore |= ~supervised.to(device=input_ids.device, dtype=torch.bool)
+    if no_image_no_loss is not None and bool(torch.as_tensor(no_image_no_loss).any()):
+        rows = torch.as_tensor(no_image_no_loss, dtype=torch.bool, device=input_ids.device).reshape(-1, 1)
+        ignore |= rows & ~image_conditioned(input_ids, config.bos_token_id, config.soi_token_id)
     return labels.masked_fill(ignore, -100)
+
+
+def pad_rows(rows, pad_value: int, side: str = "right", width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length rows (lists / 1-D tensors of ints) -> ([B, W] long padded with ``pad_value``, [B, W] long
+    attention mask), padded on the ``side`` ("right" for training, "left" for decoding); W = the longest row or
+    ``width``. The one padding rule of the collators."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows]
+    width = max((len(r) for r in rows), default=0) if width is None else int(width)
+    out = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r)
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        out[i, cols] = r
+        mask[i, cols] = 1
+    return out, mask
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

@@ -763,3 +763,91 @@ def test_batches_run_through_the_model(tmp_path):
     assert batch["image_masks"].shape == (4, 1, 64, 64)
     out = model(**batch, loss_nip_weight=0.0, loss_csr_weight=0.0)
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------- the readers read through kept libraries
+
+
+def test_mmc4_compressed_and_zipped_jsonl_read_equal_to_plain(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(4):
+        (images / f"img{k:02d}.jpg").write_bytes(image_bytes(32 + k))
+    docs = [mmc4_doc(3, [(f"img{(d + j) % 4:02d}.jpg", j, 0.5) for j in range(2)]) for d in range(6)]
+    plain = write_jsonl(tmp_path / "docs.jsonl", docs)
+    raw = plain.read_bytes()
+    (tmp_path / "docs.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "docs.jsonl.bz2").write_bytes(bz2.compress(raw))  # fsspec's compression inference
+    (tmp_path / "docs.jsonl.xz").write_bytes(lzma.compress(raw))
+    lines = raw.decode().splitlines(keepends=True)
+    with zipfile.ZipFile(tmp_path / "docs.zip", "w") as archive:  # two members, read in name order
+        archive.writestr("part_b.jsonl", "".join(lines[3:]))
+        archive.writestr("part_a.jsonl", "".join(lines[:3]))
+
+    def read(name):
+        return [(sample_text(s), [width_of(im) for im in s["images"]]) for s in read_mmc4(tmp_path / name, images)]
+
+    expected = read("docs.jsonl")
+    assert len(expected) == 6
+    for name in ("docs.jsonl.gz", "docs.jsonl.bz2", "docs.jsonl.xz", "docs.zip"):
+        assert read(name) == expected, name
+    bad = raw.decode().replace(json.dumps(docs[1]), "{broken json", 1).encode()
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(bad))
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz:2: not valid JSON"):
+        list(read_mmc4(tmp_path / "bad.jsonl.gz", images, shuffle=False, on_error="raise"))
+
+
+def test_pairs_tars_read_through_webdataset(tmp_path, monkeypatch):
+    import webdataset.tariterators as wds_tar
+
+    calls = []
+    real = wds_tar.group_by_keys
+    monkeypatch.setattr(wds_tar, "group_by_keys", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (path,) = write_pair_tars(tmp_path, 1, 12)
+    with open(path, "rb") as src, tarfile.open(tmp_path / "00000.tar.gz", "w:gz") as dst:
+        with tarfile.open(fileobj=src) as tar:
+            for member in tar:
+                dst.addfile(member, tar.extractfile(member))
+    texts = [sample_text(s) for s in read_pairs(path, shuffle=False)]
+    assert len(texts) == 12 and [sample_text(s) for s in read_pairs(tmp_path / "00000.tar.gz", shuffle=False)] == texts
+    assert len(calls) == 2  # each shard grouped by webdataset, not by a loop of ours
+    data = open(path, "rb").read()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])  # truncated inside a member
+    cut = read_pairs(tmp_path / "cut.tar", shuffle=False)
+    got = [sample_text(s) for s in cut]
+    assert 0 < len(got) < 12 and got == texts[: len(got)] and cut.skipped == {"bad_record": 1}
+    with pytest.raises(DataError, match=r"cut\.tar: tar shard is corrupt after \d+ samples"):
+        list(read_pairs(tmp_path / "cut.tar", shuffle=False, on_error="raise"))
+
+
+def test_llava_and_coco_json_read_through_datasets_and_fsspec(tmp_path, monkeypatch):
+    import gzip
+
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    path = llava_fixture(tmp_path)
+    gz = tmp_path / "llava.json.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    plain = read_llava(path, tmp_path, cache_dir=str(tmp_path / "cache"))
+    assert calls == ["json"] and not isinstance(plain.records, list)  # Arrow rows from datasets' json loader
+    for ds in (
+        read_llava(gz, tmp_path, cache_dir=str(tmp_path / "cache")),
+        read_llava(gz, tmp_path, use_datasets=False),
+    ):
+        assert len(ds) == len(plain) and [ds[i]["segments"] for i in range(len(ds))] == [
+            plain[i]["segments"] for i in range(len(plain))
+        ]
+    coco, region = write_coco(tmp_path)
+    (tmp_path / "instances.json.gz").write_bytes(gzip.compress(coco.read_bytes()))
+    a, b = (
+        read_referring(coco, tmp_path / "imgs")[0],
+        read_referring(tmp_path / "instances.json.gz", tmp_path / "imgs")[0],
+    )
+    assert a["segments"] == b["segments"] and all((x == y).all() for x, y in zip(a["image_masks"], b["image_masks"]))

@@ -31,9 +31,9 @@ from .trainer import (
 
 def __getattr__(name: str):
     if name in ("DeemSFTConfig", "DeemSFTTrainer"):  # importing trl costs seconds: only when asked for
-        from . import trainer
+        from . import sft
 
-        return getattr(trainer, name)
+        return getattr(sft, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

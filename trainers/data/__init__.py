@@ -11,9 +11,15 @@ Pretraining documents are one supervised segment ending in ``</s>``; SFT samples
 segments and supervised answers (each answer ends with ``</s>``).
 
 Readers: `read_mmc4` (interleaved documents, §6.2), `read_pairs` (webdataset tars or jsonl + folder, §6.3),
-`read_llava` (LLaVA instruction JSON -> VQA SFT template), `read_referring` (COCO RLE / polygon masks -> mask
-SFT). Then `PackedDataset` / `pack_samples` (rows of <= 2048 tokens, §6.4), `MixedDataset` (weights,
-MMC4 : pairs = 2 : 1), `DeemDataCollator`.
+`read_llava` (LLaVA instruction JSON -> VQA SFT template), `read_referring` (COCO RLE / polygon masks through
+pycocotools -> mask SFT). Then `PackedDataset` / `pack_samples` (rows of <= 2048 tokens, §6.4), `MixedDataset`
+(weights, MMC4 : pairs = 2 : 1), `DeemDataCollator`.
+
+Tokenised once: `encode_samples` gives a sample ``input_ids`` + per-token ``supervised`` flags in one batched
+tokenizer call (the packer encodes ``encode_batch`` documents per call and packs on ids; a reader with
+``processor`` / ``max_length`` encodes while checking the length and the ids travel with the sample); the collator
+only pads and stacks encoded rows, and derives labels with the model's own `default_labels` (§4.1, plus the
+original's "no image, no loss" rule for ``no_image_no_loss_sources``).
 
 Typical stage-1 setup::
 
@@ -49,7 +55,8 @@ from ._common import (
     tokenize_text,
     validate_sample,
 )
-from .collator import DeemDataCollator
+from .collator import NO_IMAGE_NO_LOSS_SOURCES, DeemDataCollator
+from .encoding import encode_samples, encode_texts
 from .images import ImageStore
 from .llava import LlavaDataset, read_llava
 from .masks import (
@@ -73,6 +80,7 @@ __all__ = [
     "MAX_IMAGES_PER_ROW",
     "MMC4_MAX_IMAGES",
     "MMC4_SIM_THRESHOLD",
+    "NO_IMAGE_NO_LOSS_SOURCES",
     "SKIP_REASONS",
     "BadSample",
     "DataError",
@@ -95,6 +103,8 @@ __all__ = [
     "decode_rle",
     "default_referring_turns",
     "encode_rle",
+    "encode_samples",
+    "encode_texts",
     "make_sample",
     "mmc4_image_names",
     "pack_samples",

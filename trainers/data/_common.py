@@ -18,14 +18,14 @@ LLaVA text-only items, ...) are not errors: they are counted in ``obj.dropped[ru
 from __future__ import annotations
 
 import glob
-import gzip
 import io
+import json
 import os
-import zipfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import PIL.Image
 import torch
@@ -210,23 +210,32 @@ def expand_paths(spec, suffixes: tuple[str, ...]) -> list[str]:
     return out
 
 
+# jsonl suffixes the readers take (fsspec infers the compression of the compressed ones; .zip: its jsonl members)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz")
+
+
 def iter_text_lines(path: str) -> Iterator[str]:
-    """Lines of a .jsonl, .jsonl.gz or every .jsonl member of a .zip (the MMC4 release ships zipped jsonl)."""
-    lower = path.lower()
-    if lower.endswith(".zip"):
-        with zipfile.ZipFile(path) as archive:
-            for name in sorted(archive.namelist()):
-                if name.endswith("/"):
-                    continue
-                with archive.open(name) as member:
-                    for line in io.TextIOWrapper(member, encoding="utf-8"):
-                        yield line
-    elif lower.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            yield from f
+    """Lines of a .jsonl, .jsonl.gz or every .jsonl member of a .zip (the MMC4 release ships zipped jsonl).
+
+    Read through fsspec: compression inferred from the suffix (gzip, bz2, xz, zstd, ...), zip members through its
+    zip filesystem (members in sorted name order)."""
+    if path.lower().endswith(".zip"):
+        archive = fsspec.filesystem("zip", fo=path)
+        try:
+            for name in sorted(archive.find("")):
+                with archive.open(name, "rt", encoding="utf-8") as member:
+                    yield from member
+        finally:
+            archive.close()
     else:
-        with open(path, encoding="utf-8") as f:
+        with fsspec.open(path, "rt", compression="infer", encoding="utf-8") as f:
             yield from f
+
+
+def load_json_file(path) -> object:
+    """One JSON document (plain or compressed: the compression is inferred from the suffix), through fsspec."""
+    with fsspec.open(str(path), "rt", compression="infer", encoding="utf-8") as f:
+        return json.load(f)
 
 
 # ---------------------------------------------------------------- sharding and seeding

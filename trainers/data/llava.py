@@ -18,13 +18,11 @@ Text-only records are dropped (``dropped["text_only"]``) as the original's conve
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from transformers.utils import logging
 
 from ...modeling.prompts import EOS, IMAGE_MARKER, SYSTEM_PROMPT, format_prompt, sft_target
-from ._common import BadSample
+from ._common import BadSample, load_json_file
 from .images import ImageStore
 from .sources import MapSource
 
@@ -34,15 +32,15 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 def _load_records(path: str, use_datasets: bool, cache_dir: str | None = None):
+    """The records of a LLaVA JSON list: `datasets`' json loader (Arrow; plain or compressed), else fsspec + json."""
     if use_datasets:
         try:
             import datasets
 
-            return datasets.Dataset.from_json(str(path), cache_dir=cache_dir)
+            return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001 - any typing / loading failure falls back to plain json
             logger.info("datasets could not load %s (%s); reading it with json", path, err)
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+    records = load_json_file(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: a LLaVA file is a JSON list of records")
     return records

@@ -1,18 +1,19 @@
-"""COCO segmentations -> binary masks, with numpy only (no pycocotools).
+"""COCO segmentations -> binary masks through ``pycocotools.mask`` (what the original used), checked first.
 
 - RLE: ``{"size": [h, w], "counts": [...] | "compressed string"}``. Runs alternate 0, 1, 0, ... starting with
   zeros, over the mask in column-major (Fortran) order. The compressed string is COCO's: each count is written in
   5-bit groups, low first, one character (value + 48) per group, bit 0x20 = more groups follow, bit 0x10 of the
   last group = sign; from the third count on, the value stored is the difference to the count two places back.
-- Polygons: a list of flat ``[x0, y0, x1, y1, ...]`` lists in pixel coordinates (pixel (i, j) covers
-  [j, j+1) x [i, i+1)); a pixel is inside when its centre is (even-odd rule, scanline fill); several polygons of
-  one annotation are united. This matches the polygon's area on axis-aligned shapes; pycocotools' rasteriser
-  may differ by a pixel along slanted edges.
+  ``pycocotools`` decodes; the counts are checked here before (it would decode a wrong sum silently).
+- Polygons: a list of flat ``[x0, y0, x1, y1, ...]`` lists in pixel coordinates, rasterised by
+  ``pycocotools.mask.frPyObjects`` and united (``merge``), bit for bit the original's masks. A 4-number list,
+  which pycocotools would take as a box, is refused as a polygon.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from pycocotools import mask as coco_mask
 
 
 class MaskError(ValueError):
@@ -61,8 +62,8 @@ def rle_counts_to_string(counts: list[int]) -> str:
     return "".join(chars)
 
 
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE dict -> bool mask (h, w)."""
+def _rle_counts(rle) -> tuple[int, int, list[int]]:
+    """(h, w, run lengths) of a COCO RLE dict, checked: size [h, w], non-negative counts summing to h * w."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise MaskError("an RLE segmentation needs 'size' and 'counts'")
     size = rle["size"]
@@ -74,38 +75,49 @@ def decode_rle(rle: dict) -> np.ndarray:
         counts = rle_counts_from_string(counts)
     elif not isinstance(counts, (list, tuple)) or not all(type(c) is int for c in counts):
         raise MaskError("RLE 'counts' must be a list of ints or a compressed string")
-    counts = np.asarray(counts, dtype=np.int64)
-    if (counts < 0).any():
+    if any(c < 0 for c in counts):
         raise MaskError("RLE counts must be non-negative")
-    if int(counts.sum()) != h * w:
-        raise MaskError(f"RLE counts sum to {int(counts.sum())} but size {h}x{w} has {h * w} pixels")
-    values = np.arange(len(counts)) % 2 == 1
-    flat = np.repeat(values, counts)
-    return flat.reshape(w, h).T.copy()
+    if sum(counts) != h * w:
+        raise MaskError(f"RLE counts sum to {sum(counts)} but size {h}x{w} has {h * w} pixels")
+    return h, w, list(counts)
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """COCO RLE dict -> bool mask (h, w), decoded by ``pycocotools.mask.decode``."""
+    h, w, counts = _rle_counts(rle)
+    if h * w == 0:
+        return np.zeros((h, w), dtype=bool)
+    raw = rle["counts"]
+    if isinstance(raw, (list, tuple)):
+        compact = coco_mask.frPyObjects({"size": [h, w], "counts": list(counts)}, h, w)
+    else:
+        compact = {"size": [h, w], "counts": raw.encode("ascii") if isinstance(raw, str) else raw}
+    return coco_mask.decode(compact).astype(bool)
 
 
 def encode_rle(mask: np.ndarray, compressed: bool = True) -> dict:
-    """Bool mask (h, w) -> COCO RLE dict (compressed string counts, or a list of ints)."""
+    """Bool mask (h, w) -> COCO RLE dict: compressed string counts (``pycocotools.mask.encode``) or a list of ints."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise MaskError(f"mask must be 2-D, got shape {mask.shape}")
     h, w = mask.shape
+    if compressed and mask.size:
+        rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": [h, w], "counts": rle["counts"].decode("ascii")}
     flat = mask.T.reshape(-1)
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     edges = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(edges).tolist()
+    runs = np.diff(edges).tolist() if flat.size else [0]
     if flat.size and flat[0]:
         runs = [0] + runs
     return {"size": [h, w], "counts": rle_counts_to_string(runs) if compressed else runs}
 
 
 def polygons_to_mask(polygons, height: int, width: int) -> np.ndarray:
-    """Union of polygons (flat x, y lists) rasterised by pixel centres -> bool mask (height, width)."""
-    mask = np.zeros((height, width), dtype=bool)
+    """Union of polygons (flat x, y lists) -> bool mask (height, width), rasterised by pycocotools."""
     if not isinstance(polygons, (list, tuple)) or not polygons:
         raise MaskError("a polygon segmentation must be a non-empty list of coordinate lists")
-    centres_x = np.arange(width) + 0.5
-    centres_y = np.arange(height) + 0.5
+    checked = []
     for poly in polygons:
         try:
             pts = np.asarray(poly, dtype=np.float64)
@@ -113,17 +125,10 @@ def polygons_to_mask(polygons, height: int, width: int) -> np.ndarray:
             raise MaskError("polygon coordinates must be numbers") from None
         if pts.ndim != 1 or pts.size < 6 or pts.size % 2 or not np.isfinite(pts).all():
             raise MaskError(f"a polygon needs at least 3 (x, y) points as a flat list, got {pts.size} numbers")
-        x0, y0 = pts[0::2], pts[1::2]
-        x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-        y = centres_y[:, None]
-        crosses = ((y0 <= y) & (y < y1)) | ((y1 <= y) & (y < y0))  # [H, E]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x_at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-        for row in np.flatnonzero(crosses.any(axis=1)):
-            xs = np.sort(x_at[row, crosses[row]])
-            right = len(xs) - np.searchsorted(xs, centres_x, side="right")  # crossings right of each centre
-            mask[row] |= right % 2 == 1
-    return mask
+        checked.append(pts.tolist())
+    if height * width == 0:
+        return np.zeros((height, width), dtype=bool)
+    return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(checked, height, width))).astype(bool)
 
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:

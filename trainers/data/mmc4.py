@@ -1,8 +1,10 @@
 """MMC4 interleaved documents (reference §6.2) as a streaming source.
 
-Input: jsonl documents (``.jsonl``, ``.jsonl.gz`` or ``.zip`` archives of jsonl, as MMC4 ships them; a directory
-or glob of those) with ``text_list`` (sentences) and ``image_info`` (``image_name``, ``matched_text_index``,
-``matched_sim``); images in a folder or in tar shards (`ImageStore`).
+Input: jsonl documents (``.jsonl``, ``.jsonl.gz`` / ``.bz2`` / ``.xz`` or ``.zip`` archives of jsonl, as MMC4
+ships them; a directory or glob of those; read line by line through fsspec) with ``text_list`` (sentences) and
+``image_info`` (``image_name``, ``matched_text_index``, ``matched_sim``); images in a folder or in tar shards
+(`ImageStore`). Not through `datasets`' json loader: a document that does not fit the Arrow schema (or one bad
+line) must be one skipped record naming its file and line, not a failed file.
 
 Per document, as the original:
 1. keep the images with ``matched_sim >= sim_threshold`` (0.24) whose file exists; the file is ``image_name``
@@ -24,7 +26,7 @@ import json
 import math
 
 from ...modeling.prompts import EOS, IMAGE_MARKER
-from ._common import BadSample, expand_paths, make_sample
+from ._common import JSONL_SUFFIXES, BadSample, expand_paths, make_sample
 from .images import ImageStore
 from .sources import StreamingSource
 
@@ -69,7 +71,7 @@ class MMC4Dataset(StreamingSource):
         **kwargs,
     ):
         super().__init__(max_images=max_images, **kwargs)
-        self.files = expand_paths(documents, (".jsonl", ".jsonl.gz", ".zip"))
+        self.files = expand_paths(documents, (*JSONL_SUFFIXES, ".zip"))
         self.store = images if isinstance(images, ImageStore) else ImageStore(images)
         self.sim_threshold = float(sim_threshold)
         self.subsample_images = subsample_images

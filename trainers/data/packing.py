@@ -1,9 +1,11 @@
 """Packing documents into rows of at most ``max_length`` tokens (reference §6.4, simplified).
 
-Each document (a sample) is ``<s> ... </s>``; documents are concatenated into one row as text, the second and
-later ones starting with a literal ``<s>`` (the processor adds the first). The packer tokenises every document
-once with the processor (images are not processed) to know its length; since the processor tokenises the text
-between special tokens / image markers piece by piece, the length of a row is the sum of its parts.
+Each document (a sample) is ``<s> ... </s>``. The packer encodes every document once (`encode_samples`: token
+ids + supervised flags, one batched tokenizer call per ``encode_batch`` documents, images not processed) and packs
+on those ids: a row is the concatenation of its documents' ids (each opening with its own ``<s>``). Rows carry
+``input_ids`` / ``supervised`` (what the collator pads, no tokenisation there) and, for reading, the same row as
+text ``segments`` (the second and later documents after a literal ``<s>``; the processor gives that text the same
+ids, since it tokenises the text between special tokens / image markers piece by piece).
 
 Rules:
 - A document is cut only right before an image (its ``<|startofimage|>``), never inside an image's
@@ -31,26 +33,31 @@ from collections.abc import Iterable, Iterator
 from torch.utils.data import IterableDataset
 
 from ...modeling.prompts import IMAGE_MARKER
-from ._common import BadSample, ErrorPolicy, sample_text, tokenize_text, validate_sample
+from ._common import BadSample, ErrorPolicy, validate_sample
+from .encoding import encode_samples
 
 BOS_TEXT = "<s>"
 MAX_IMAGES_PER_ROW = 15  # the original's max_num_images_per_seq; the model needs < cross_attention max_num_images
 
 
 def _atoms(sample: dict, processor) -> list[dict]:
-    """Split a sample at its image markers: [{"pieces": [(text, sup)], "images": [...], "masks": [...], "length"}]."""
-    ids = tokenize_text(processor, sample_text(sample))
+    """Split an encoded sample before each image: [{"pieces": [(text, sup)], "ids", "sup", "images", "masks",
+    "length"}]; the first atom is the text after ``<s>`` up to the first image (its ``<s>`` is the row's)."""
+    ids, sup = sample["input_ids"], sample["supervised"]
     soi = [p for p, t in enumerate(ids) if t == processor.soi_token_id]
     bounds = [1] + soi + [len(ids)]
     masks = sample.get("image_masks")
-    atoms = [{"pieces": [], "images": [], "masks": [], "length": bounds[1] - bounds[0]}]
-    for k in range(len(soi)):
+    atoms = []
+    for k in range(len(bounds) - 1):
+        a, b = bounds[k], bounds[k + 1]
         atoms.append(
             {
                 "pieces": [],
-                "images": [sample["images"][k]],
-                "masks": [masks[k] if masks is not None else None],
-                "length": bounds[k + 2] - bounds[k + 1],
+                "ids": ids[a:b],
+                "sup": sup[a:b],
+                "images": [sample["images"][k - 1]] if k else [],
+                "masks": [masks[k - 1] if masks is not None else None] if k else [],
+                "length": b - a,
             }
         )
     k = 0
@@ -69,15 +76,20 @@ def _atoms(sample: dict, processor) -> list[dict]:
 
 
 class _Row:
-    def __init__(self):
+    def __init__(self, bos_id: int):
         self.pieces, self.images, self.masks, self.sources, self.length = [], [], [], [], 0
+        self.ids, self.sup, self.bos_id = [], [], bos_id
 
     def add(self, atom: dict, opens_document: bool) -> None:
         if opens_document or not self.pieces:
             if self.pieces:
                 self.pieces.append((BOS_TEXT, False))
+            self.ids.append(self.bos_id)
+            self.sup.append(False)
             self.length += 1
         self.pieces += atom["pieces"]
+        self.ids += atom["ids"]
+        self.sup += atom["sup"]
         self.images += atom["images"]
         self.masks += atom["masks"]
         self.length += atom["length"]
@@ -94,7 +106,14 @@ class _Row:
                 segments.append({"text": text, "supervise": sup})
         masks = None if all(m is None for m in self.masks) else list(self.masks)
         sources = list(dict.fromkeys(self.sources))
-        return {"segments": segments, "images": list(self.images), "image_masks": masks, "source": "+".join(sources)}
+        return {
+            "segments": segments,
+            "images": list(self.images),
+            "image_masks": masks,
+            "source": "+".join(sources),
+            "input_ids": list(self.ids),
+            "supervised": list(self.sup),
+        }
 
 
 class SamplePacker(ErrorPolicy):
@@ -109,8 +128,12 @@ class SamplePacker(ErrorPolicy):
         drop_text_only: bool = True,
         split_to_fill: bool = True,
         on_error: str = "skip",
+        encode_batch: int = 64,
     ):
         self._init_policy(on_error)
+        if encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1, got {encode_batch}")
+        self.encode_batch = int(encode_batch)
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         self.processor, self.max_length, self.max_images = processor, int(max_length), max_images
@@ -129,14 +152,43 @@ class SamplePacker(ErrorPolicy):
             return None
         return row.sample()
 
-    def pack(self, samples: Iterable[dict]) -> Iterator[dict]:
-        row = _Row()
+    def _encoded(self, samples: Iterable[dict]) -> Iterator[tuple[dict, str]]:
+        """Validated samples with their ids, encoded ``encode_batch`` at a time (one tokenizer call each)."""
+        chunk = []
+
+        def flush():
+            try:
+                encode_samples(self.processor, [sample for sample, _ in chunk])
+            except BadSample:  # one bad text: encode one by one to find it
+                for sample, where in chunk:
+                    try:
+                        encode_samples(self.processor, [sample])
+                    except BadSample as bad:
+                        self._report(bad, where)
+            for sample, where in chunk:
+                if "input_ids" in sample:
+                    yield sample, where
+            chunk.clear()
+
         for n, sample in enumerate(samples):
             if sample is None:
                 continue
             where = f"packing: sample {n} (source {sample.get('source', '?') if isinstance(sample, dict) else '?'})"
             try:
                 validate_sample(sample)
+            except BadSample as bad:
+                self._report(bad, where)
+                continue
+            chunk.append((dict(sample), where))
+            if len(chunk) >= self.encode_batch:
+                yield from flush()
+        yield from flush()
+
+    def pack(self, samples: Iterable[dict]) -> Iterator[dict]:
+        bos = self.processor.tokenizer.bos_token_id
+        row = _Row(bos)
+        for sample, where in self._encoded(samples):
+            try:
                 atoms = _atoms(sample, self.processor)
                 for atom in atoms:
                     if atom["length"] + 1 > self.max_length:
@@ -161,7 +213,7 @@ class SamplePacker(ErrorPolicy):
                     out = self._close(row)
                     if out is not None:
                         yield out
-                    row = _Row()
+                    row = _Row(bos)
                 for k, atom in enumerate(atoms):
                     row.add(atom, k == 0)
                 row.sources.append(sample.get("source", "unknown"))
@@ -175,7 +227,7 @@ class SamplePacker(ErrorPolicy):
                     out = self._close(row)
                     if out is not None:
                         yield out
-                    row = _Row()
+                    row = _Row(bos)
                 row.add(atom, opens)
                 if sample.get("source") not in row.sources:
                     row.sources.append(sample.get("source", "unknown"))
@@ -193,6 +245,7 @@ def pack_samples(
     drop_text_only: bool = True,
     split_to_fill: bool = True,
     on_error: str = "skip",
+    encode_batch: int = 64,
 ) -> Iterator[dict]:
     """Pack `samples` into rows of at most `max_length` tokens (generator); see the module docstring."""
     packer = SamplePacker(
@@ -202,6 +255,7 @@ def pack_samples(
         drop_text_only=drop_text_only,
         split_to_fill=split_to_fill,
         on_error=on_error,
+        encode_batch=encode_batch,
     )
     yield from packer.pack(samples)
 

@@ -3,9 +3,12 @@
 Two layouts:
 - webdataset tar shards: members grouped by key (path up to the first "." of the base name): an image
   (``key.jpg`` / ``.jpeg`` / ``.png`` / ``.webp`` ...) plus ``key.json`` with a ``caption`` field (a string, or a
-  list joined by spaces, as the original) or ``key.txt``. One unit per tar file.
+  list joined by spaces, as the original) or ``key.txt``. One unit per tar file; members are read and grouped by
+  the `webdataset` package (``tar_file_expander`` + ``group_by_keys``), its handler turning a corrupt shard into
+  one "bad_record" report (the samples before the damage are kept).
 - jsonl + image folder (or tar shards holding the images): one JSON object per line with the image path
-  (``image`` / ``file_name`` / ``image_path`` / ``path``) and the caption (``caption`` / ``text``).
+  (``image`` / ``file_name`` / ``image_path`` / ``path``) and the caption (``caption`` / ``text``); lines read
+  through fsspec (compressed .jsonl.gz / .bz2 / .xz too).
 
 Per pair: caption lower-cased and stripped; with probability ``text_drop_prob`` (0.1) the caption is removed so
 the image is unconditioned (classifier-free guidance; the text is then just ``<image></s>``); otherwise the image
@@ -18,10 +21,9 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 
 from ...modeling.prompts import EOS, IMAGE_MARKER
-from ._common import BadSample, decode_image, expand_paths, make_sample
+from ._common import JSONL_SUFFIXES, BadSample, decode_image, expand_paths, make_sample
 from .images import IMAGE_EXTENSIONS, ImageStore
 from .sources import StreamingSource
 
@@ -71,12 +73,12 @@ class PairsDataset(StreamingSource):
             raise ValueError(f"layout must be 'auto', 'tar' or 'jsonl', got {layout!r}")
         paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
         if layout == "auto":
-            named_jsonl = any(str(p).lower().endswith((".jsonl", ".jsonl.gz", ".json")) for p in paths)
+            named_jsonl = any(str(p).lower().endswith((*JSONL_SUFFIXES, ".json")) for p in paths)
             layout = "jsonl" if named_jsonl or images is not None else "tar"
         if layout == "jsonl":
             if images is None:
                 raise ValueError("jsonl pairs need `images`: the image folder (or tar shards) the paths refer to")
-            self.layout, self.files = "jsonl", expand_paths(paths, (".jsonl", ".jsonl.gz", ".json"))
+            self.layout, self.files = "jsonl", expand_paths(paths, (*JSONL_SUFFIXES, ".json"))
             self.store = images if isinstance(images, ImageStore) else ImageStore(images)
         else:
             self.layout, self.files = "tar", expand_paths(paths, (".tar", ".tar.gz", ".tgz"))
@@ -94,42 +96,43 @@ class PairsDataset(StreamingSource):
             for r, line, where in self._lines(path, keep):
                 yield r, ("jsonl", line), where
             return
+        # members grouped by key through webdataset's own tar iterator and grouping (its key rule is ours)
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
+        errors: list[BaseException] = []
+
+        def stop(exn: BaseException) -> bool:  # webdataset handler: remember the error, end this shard
+            errors.append(exn)
+            return False
+
         try:
-            tar = tarfile.open(path, "r:*")
-        except (tarfile.TarError, OSError) as err:
+            stream = open(path, "rb")
+        except OSError as err:
             self._report(BadSample("bad_record", f"cannot open tar shard: {err}"), path)
             return
-        with tar:
-            r, key, group = 0, None, {}
-
-            def flush():
-                nonlocal r
-                if key is None:
-                    return None
-                out = None
-                if keep(r):
-                    files = {ext: tar.extractfile(member).read() for ext, member in group.items()}
-                    out = (r, ("tar", key, files), f"{path}:{key}")
-                r += 1
-                return out
-
-            try:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    k, ext = webdataset_key(member.name)
-                    if k != key:
-                        item = flush()
-                        if item is not None:
-                            yield item
-                        key, group = k, {}
-                    group[ext] = member
-                item = flush()
-            except (tarfile.TarError, OSError) as err:  # truncated / corrupt shard: keep what was read
-                self._report(BadSample("bad_record", f"tar shard is corrupt after {r} samples: {err}"), path)
+        r, pending = 0, None
+        with stream:
+            files = tar_file_expander([{"url": str(path), "stream": stream}], handler=stop)
+            for sample in group_by_keys(files, handler=stop):
+                if pending is not None:  # a group is complete once the next one starts
+                    yield from self._emit(path, r, pending, keep)
+                    r += 1
+                pending = sample
+            if errors:  # truncated / corrupt shard: keep what was read, drop the group being read
+                err = errors[0]
+                message = err.args[0] if getattr(err, "args", None) else err
+                problem = "cannot open tar shard" if pending is None else f"tar shard is corrupt after {r} samples"
+                self._report(BadSample("bad_record", f"{problem}: {message}"), path)
                 return
-            if item is not None:
-                yield item
+        if pending is not None:
+            yield from self._emit(path, r, pending, keep)
+
+    @staticmethod
+    def _emit(path, r, sample, keep):
+        if keep(r):
+            key = sample["__key__"]
+            files = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
+            yield r, ("tar", key, files), f"{path}:{key}"
 
     def _build(self, raw, rng, where):
         if raw[0] == "jsonl":

@@ -21,13 +21,12 @@ supervises the "## user" prefix tokens, here only the answers are.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import numpy as np
 
 from ...modeling.prompts import EOS, IMAGE_MARKER, TEMPLATES
-from ._common import BadSample
+from ._common import BadSample, load_json_file
 from .images import ImageStore
 from .masks import MaskError, segmentation_to_mask
 from .sources import MapSource
@@ -81,8 +80,7 @@ class ReferringDataset(MapSource):
     ):
         super().__init__(**kwargs)
         self.path = str(coco_json)
-        with open(coco_json, encoding="utf-8") as f:
-            coco = json.load(f)
+        coco = load_json_file(coco_json)  # fsspec: plain or compressed; one dict, not rows, so not `datasets`
         if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
             raise ValueError(f"{coco_json}: not a COCO annotation file (no 'images' list)")
         categories = {c.get("id"): c.get("name") for c in coco.get("categories", []) if isinstance(c, dict)}

@@ -30,11 +30,10 @@ from ._common import (
     buffer_shuffle,
     iter_text_lines,
     make_rng,
-    sample_text,
     shard_slot,
-    tokenize_text,
     validate_sample,
 )
+from .encoding import encode_samples
 
 SPLITS = ("auto", "shard", "record")
 
@@ -50,8 +49,8 @@ class _Checks(ErrorPolicy):
 
     def _check(self, sample: dict) -> None:
         validate_sample(sample, self.max_images)
-        if self.max_length is not None:
-            n = len(tokenize_text(self.processor, sample_text(sample)))
+        if self.max_length is not None:  # encoded once here; the packer and the collator reuse the ids
+            n = len(encode_samples(self.processor, [sample])[0]["input_ids"])
             if n > self.max_length:
                 raise BadSample("too_long", f"{n} tokens, more than max_length={self.max_length}")
 
