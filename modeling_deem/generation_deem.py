@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import (
     GenerationConfig,
     GenerationMixin,
+    LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -29,6 +30,7 @@ from .sequence_deem import (
     check_token_ids,
     cross_attention_visibility,
     left_align,
+    nearest_bos,
 )
 
 logger = logging.get_logger(__name__)
@@ -131,6 +133,30 @@ class DeemStreamer(TextIteratorStreamer):
             self.on_finalized_text(text[self.print_len :])
             self.token_cache, self.print_len = [], 0
         self.text_queue.put(image.detach().float().cpu(), timeout=self.timeout)
+
+
+class TokenSuppression(LogitsProcessor):
+    """Never generate ``token_ids``: one precomputed bias (-inf at those ids, 0 elsewhere) added to the scores.
+
+    The same scores as transformers' ``SuppressTokensLogitsProcessor``, which builds a vocabulary-sized ``isin``
+    mask at every step; the bias is built once per vocabulary size / device / dtype."""
+
+    def __init__(self, token_ids):
+        self.token_ids = sorted({int(t) for t in token_ids})
+        self._bias = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bias = self._bias
+        if (
+            bias is None
+            or bias.shape[0] != scores.shape[-1]
+            or bias.device != scores.device
+            or bias.dtype != scores.dtype
+        ):
+            bias = torch.zeros(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+            bias[[t for t in self.token_ids if t < scores.shape[-1]]] = -float("inf")
+            self._bias = bias
+        return scores + bias
 
 
 class DeemGenerationMixin(GenerationMixin):
@@ -281,7 +307,11 @@ class DeemGenerationMixin(GenerationMixin):
         """Image placeholders are never generated; ``<|startofimage|>`` is suppressed or ends the row."""
         cfg = self.config
         suppress = [cfg.image_token_id] + ([cfg.soi_token_id] if soi == "suppress" else [])
-        kwargs["suppress_tokens"] = sorted(set(list(kwargs.get("suppress_tokens") or []) + suppress))
+        # a fixed bias (one add per step) rather than the library's per-step vocabulary isin; the caller's own
+        # suppress_tokens still go to the library's processor
+        processors = LogitsProcessorList(list(kwargs.get("logits_processor") or []))
+        processors.append(TokenSuppression(suppress))
+        kwargs["logits_processor"] = processors
         if soi == "stop":  # on top of the end-of-sequence ids in use (the caller's or the config's)
             eos = kwargs.get("eos_token_id")
             if eos is None:
@@ -672,10 +702,11 @@ class DeemGenerationMixin(GenerationMixin):
         padding for the other rows)."""
         cfg = self.config
         device = ids.device
-        pos = torch.arange(ids.shape[1], device=device)
         conds, sides, side_masks = [], [], []
         for b in rows.tolist():
-            bos = int(torch.where(ids[b] == cfg.bos_token_id, pos, torch.full_like(pos, -1)).max())
+            bos = int(nearest_bos(ids[b : b + 1], cfg.bos_token_id)[0, -1])
+            if getattr(cfg, "nip_context_start", "nearest_bos") == "row_start":
+                bos = -1  # the row's first real token, as the original without nearest_bos_idxs
             start = max(bos, int(mask[b].argmax()))
             keep = (mask[b, start:] == 1).nonzero().squeeze(1) + start  # skip padding from other rows' images
             n = keep.shape[0]

@@ -450,6 +450,13 @@ def unet_skip_layout(unet_config: dict, latent_size: int) -> tuple[list[tuple[in
     return skips, (channels[-1], side)
 
 
+def sampling_layout(values: torch.Tensor) -> torch.Tensor:
+    """[..., S, C] values -> the same values (and shape) stored channel-major (C outer, S inner), the layout the
+    deformable sampling reads them in: each level's [head_dim, h, w] map is then a view, not a copy. Worth it for
+    values reused over many calls (the pipeline's side features, the same at every denoising step)."""
+    return values.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 class DeemSideFeatures(NamedTuple):
     """Per-block projected side-network values (``DeemUNetSideNetwork.project_features``); reusable across
     denoising steps. ``values``: one [N, n_img, S, side_attn_dim] per block (down blocks, then mid);
@@ -496,6 +503,22 @@ class DeemSideBlock(nn.Module):
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """[N, n_img, S, feature_dim] -> [N, n_img, S, side_attn_dim] (``feat_norm`` + ``value_proj``)."""
         return self.attn.project_values(self.feat_norm(features))
+
+    def no_image_residual(self) -> torch.Tensor:
+        """[C] residual of a sample that sees no image (mask 0 everywhere), in closed form.
+
+        With every image masked, each softmax weight is ``exp(logit - 10000)``, exactly 0 in floating point, so the
+        sampled values are 0, the attention output is ``output_proj.bias`` at every position and the 1x1 conv turns
+        it into the constant ``conv.weight @ output_proj.bias + conv.bias`` (equal to running the block up to float
+        rounding, with the same gradients: the masked path passes none to the sample, offsets or values)."""
+        weight = self.conv.weight
+        # in float64 (rounded once to the weights' dtype): the result does not depend on how a BLAS kernel splits
+        # the sum, which can vary with the tensors' memory alignment (a loaded copy would differ in the last bit)
+        wide = torch.float32 if weight.device.type == "mps" else torch.float64
+        out = torch.addmv(
+            self.conv.bias.to(wide), weight.reshape(weight.shape[0], -1).to(wide), self.attn.output_proj.bias.to(wide)
+        )
+        return out.to(weight.dtype)
 
     def _pos(self, h: int, w: int, dtype) -> torch.Tensor:
         table = self.pos_embed
@@ -611,34 +634,61 @@ class DeemUNetSideNetwork(ModelMixin, ConfigMixin):
 
     def forward(self, down_block_res_samples, mid_sample, features, mask):
         """down_block_res_samples: the UNet's skip samples [N, C_k, h_k, w_k]; mid_sample [N, C, h, w] (mid-block
-        output); features: four maps [N, n_img, C, h_l, w_l] or a [`DeemSideFeatures`]; mask [N, n_img]
-        (1 = image present) -> (tuple of down residuals, mid residual)."""
+        output); features: four maps [N, n_img, C, h_l, w_l] or a [`DeemSideFeatures`] (``None`` when every mask
+        entry is 0); mask [N, n_img] (1 = image present) -> (tuple of down residuals, mid residual).
+
+        Rows whose mask is 0 everywhere (no previous image) get their block's constant ``no_image_residual`` (what
+        the blocks compute for them, up to float rounding): only the rows that see an image run the blocks."""
         if len(down_block_res_samples) != len(self.down_blocks):
             raise ValueError(
                 f"the UNet gave {len(down_block_res_samples)} skip samples, the side network has "
                 f"{len(self.down_blocks)} blocks"
             )
-        if not isinstance(features, DeemSideFeatures):
-            features = self.project_features(features)
-        if features.values[0].shape[0] != mid_sample.shape[0]:
-            raise ValueError(
-                f"side features have batch {features.values[0].shape[0]}, the UNet sample {mid_sample.shape[0]}"
-            )
+        n = mid_sample.shape[0]
         mask = mask.reshape(mask.shape[0], -1)
+        if mask.shape[0] != n:
+            raise ValueError(f"side mask has batch {mask.shape[0]}, the UNet sample {n}")
+        rows = None  # None: every row sees an image
+        if features is None or not torch.compiler.is_compiling():
+            present = (mask != 0).any(1)
+            if features is None and bool(present.any()):
+                raise ValueError("side features are None but the side mask marks images as present")
+            if not bool(present.all()):
+                rows = present.nonzero().squeeze(1)
+        if rows is not None and rows.numel() and not isinstance(features, DeemSideFeatures):
+            features = self.project_features([f[rows] for f in features])  # project only the rows that see one
+            subset = True
+        else:
+            subset = False
+            if features is not None and not isinstance(features, DeemSideFeatures):
+                features = self.project_features(features)
+            if features is not None and features.values[0].shape[0] != n:
+                raise ValueError(f"side features have batch {features.values[0].shape[0]}, the UNet sample {n}")
         residuals = []
-        for block, sample, value in zip(self.blocks(), (*down_block_res_samples, mid_sample), features.values):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                checkpoint = getattr(self, "_gradient_checkpointing_func", None)
-                if checkpoint is None:
-                    res = torch.utils.checkpoint.checkpoint(
-                        block, sample, value, features.spatial_shapes, mask, use_reentrant=False
-                    )
-                else:  # set by transformers' gradient_checkpointing_enable
-                    res = checkpoint(block, sample, value, features.spatial_shapes, mask)
-            else:
-                res = block(sample, value, features.spatial_shapes, mask)
-            residuals.append(res)
+        for k, (block, sample) in enumerate(zip(self.blocks(), (*down_block_res_samples, mid_sample))):
+            if rows is None:
+                residuals.append(self._run_block(block, sample, features.values[k], features.spatial_shapes, mask))
+                continue
+            constant = block.no_image_residual().to(sample.dtype)[None, :, None, None].expand_as(sample)
+            if not rows.numel():
+                residuals.append(constant)
+                continue
+            value = features.values[k] if subset else features.values[k][rows]
+            part = self._run_block(block, sample[rows], value, features.spatial_shapes, mask[rows])
+            residuals.append(constant.index_put((rows,), part))
         return tuple(residuals[:-1]), residuals[-1]
+
+    def _run_block(self, block, sample, value, spatial_shapes, mask):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            checkpoint = getattr(self, "_gradient_checkpointing_func", None)
+            if checkpoint is None:
+                return torch.utils.checkpoint.checkpoint(
+                    block, sample, value, spatial_shapes, mask, use_reentrant=False
+                )
+            return checkpoint(
+                block, sample, value, spatial_shapes, mask
+            )  # set by transformers' gradient_checkpointing_enable
+        return block(sample, value, spatial_shapes, mask)
 
 
 def check_unet_supported(unet) -> None:
@@ -672,7 +722,8 @@ def unet_forward_with_side(
     """``UNet2DConditionModel`` forward with MMFSNet residuals (§2.9) -> eps [N, C_out, h, w].
 
     sample [N, C_in, h, w]; timestep scalar or [N]; encoder_hidden_states [N, T, D]; side_features: four maps
-    [N, n_img, C, h_l, w_l] or a [`DeemSideFeatures`]; side_mask [N, n_img]. The side network reads the
+    [N, n_img, C, h_l, w_l] or a [`DeemSideFeatures`], or ``None`` with an all-zero side_mask (no previous image);
+    side_mask [N, n_img]. The side network reads the
     unmodified skips and mid-block output; its residuals are added to the skips and the mid output before the up
     path. Without side inputs this equals ``unet(sample, timestep, encoder_hidden_states).sample``. Under
     classifier-free guidance the caller duplicates features and mask like the other inputs.
@@ -681,6 +732,8 @@ def unet_forward_with_side(
     use_side = side_network is not None and side_features is not None
     if use_side and side_mask is None:
         raise ValueError("side_mask is required with side_features")
+    if side_network is not None and side_features is None and side_mask is not None:
+        use_side = True  # no image anywhere (an all-zero mask): the side network's constant residuals
 
     up_factor = 2**unet.num_upsamplers
     forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
@@ -742,6 +795,7 @@ __all__ = [
     "build_cross_attention_mask",
     "relative_image_index",
     "deformable_sampling",
+    "sampling_layout",
     "unet_skip_layout",
     "unet_forward_with_side",
     "check_unet_supported",

@@ -1043,7 +1043,9 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
                 )
             if w_nip > 0:
                 runs = _image_runs(input_ids, cfg.image_token_id)
-                image_rows, soi_pos, starts = _image_context_spans(runs, input_ids, attention_mask, cfg.bos_token_id)
+                image_rows, soi_pos, starts = _image_context_spans(
+                    runs, input_ids, attention_mask, cfg.bos_token_id, getattr(cfg, "nip_context_start", "nearest_bos")
+                )
                 loss_nip = decoder.loss_nip(
                     hidden,
                     enc.multiscale_features,

@@ -38,7 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .image_decoder_deem import DeemDecoderPerceiver
-from .mmfs import DeemUNetSideNetwork, unet_forward_with_side
+from .mmfs import DeemUNetSideNetwork, sampling_layout, unet_forward_with_side
 
 logger = logging.get_logger(__name__)
 
@@ -111,7 +111,9 @@ class DeemImagePipeline(DiffusionPipeline):
         unet: the model's ``UNet2DConditionModel``.
         vae: the model's ``AutoencoderKL``.
         scheduler: a diffusers scheduler (the model's DDPM configuration by default in ``from_model``).
-        side_network: the model's ``DeemUNetSideNetwork``.
+        side_network: the model's ``DeemUNetSideNetwork``; ``pipe.register_modules(side_network=None)`` removes it
+            (the UNet alone, as stock Stable Diffusion samples). Without a previous image its residuals are a
+            constant (``DeemSideBlock.no_image_residual``), added without building or sampling any maps.
         decoder_perceiver: the model's ``DeemDecoderPerceiver`` (context -> condition, and the learned null
             condition).
         image_size: default output side in pixels (the model's decoder image size); ``None``: the UNet's
@@ -387,6 +389,8 @@ class DeemImagePipeline(DiffusionPipeline):
                     f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens, `prompt_embeds` "
                     f"{prompt_embeds.shape[1]}"
                 )
+        if side_features is not None and self.side_network is None:
+            raise ValueError("`side_features` were given but this pipeline has no side network")
         if side_features is not None:
             feat_dim, num_levels, _ = self._side_layout()
             if isinstance(side_features, torch.Tensor) or not isinstance(side_features, Sequence):
@@ -610,16 +614,27 @@ class DeemImagePipeline(DiffusionPipeline):
 
         # 3. Side features (previous image), projected once for every step; duplicated for both CFG halves
         _onload(self.unet)  # driven block by block, its forward (and offload hook) is never called
-        _onload(self.side_network)
-        side_dtype = _module_dtype(self.side_network)
-        feats, mask = self.prepare_side_features(side_features, side_mask, batch_size, device, side_dtype)
-        feats = [f.repeat_interleave(num_images_per_prompt, dim=0) for f in feats]
-        mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
-        projected = self.side_network.project_features(feats)
-        if self.do_classifier_free_guidance:
-            # _replace keeps the side network's own DeemSideFeatures class (its module may be a dynamic copy)
-            projected = projected._replace(values=tuple(torch.cat([v, v]) for v in projected.values))
-            mask = torch.cat([mask, mask])
+        projected = mask = None
+        if self.side_network is not None:  # None: the side network removed (the UNet alone, as stock SD)
+            _onload(self.side_network)
+            side_dtype = _module_dtype(self.side_network)
+            if side_features is None or (side_mask is not None and not bool(side_mask.any())):
+                # no previous image anywhere: the side network's residuals are a constant (its closed form), no
+                # maps are built, projected or sampled
+                mask = torch.zeros(total * (2 if self.do_classifier_free_guidance else 1), 1, device=device)
+            else:
+                feats, mask = self.prepare_side_features(side_features, side_mask, batch_size, device, side_dtype)
+                feats = [f.repeat_interleave(num_images_per_prompt, dim=0) for f in feats]
+                mask = mask.repeat_interleave(num_images_per_prompt, dim=0)
+                projected = self.side_network.project_features(feats)  # once per call, reused at every step
+                halves = 2 if self.do_classifier_free_guidance else 1
+                # duplicated for both CFG halves and stored in the sampling's layout once per call, so no step
+                # copies them; _replace keeps the side network's own DeemSideFeatures class (its module may be a
+                # dynamic copy)
+                projected = projected._replace(
+                    values=tuple(sampling_layout(torch.cat([v] * halves)) for v in projected.values)
+                )
+                mask = torch.cat([mask] * halves)
 
         # 4. Timesteps and initial latents (kept in fp32; the UNet gets its own dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)

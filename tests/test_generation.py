@@ -615,3 +615,19 @@ def test_draw_mode_dict_output_matches_the_library_without_images(model):
                 assert a.shape == b.shape
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert getattr(ours, CACHE_FIELD).get_seq_length() == getattr(lib, CACHE_FIELD).get_seq_length()
+
+
+def test_token_suppression_bias_equals_the_library_processor():
+    """The fixed-bias suppression text generation uses gives the library's SuppressTokensLogitsProcessor scores
+    (and rebuilds its bias when the vocabulary size or dtype changes)."""
+    from transformers import SuppressTokensLogitsProcessor
+
+    from deem.modeling.generation_deem import TokenSuppression
+
+    ours, lib = TokenSuppression([5, 3, 5]), SuppressTokensLogitsProcessor([3, 5])
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    for vocab, dtype in ((16, torch.float32), (16, torch.float32), (9, torch.bfloat16)):
+        scores = torch.randn(2, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+        got = ours(ids, scores)
+        assert got.dtype == dtype and torch.equal(got, lib(ids, scores))
+        assert torch.isinf(got[:, [3, 5]]).all() and torch.equal(got[:, :3], scores[:, :3])

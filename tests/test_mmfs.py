@@ -684,3 +684,53 @@ def test_fixture_llm_cross_attention_parity(fixture_a):
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     assert xattn.abs().max() > 1e-2
     torch.testing.assert_close(h, inter["mm_decoder.hidden_states.1"], atol=1e-5, rtol=1e-5)
+
+
+def _side_network_every_row(net, skips, mid, feats, mask):
+    """The side network with every row through its blocks (no constant shortcut for rows without an image)."""
+    projected = net.project_features(feats)
+    out = [
+        block(sample, value, projected.spatial_shapes, mask)
+        for block, sample, value in zip(net.blocks(), (*skips, mid), projected.values)
+    ]
+    return out[:-1], out[-1]
+
+
+def test_side_network_rows_without_an_image_get_the_closed_form():
+    """Rows whose mask is 0 get the constant no_image_residual instead of running the blocks: the same residuals up
+    to float rounding, and the same gradients for every parameter and the UNet samples."""
+    torch.manual_seed(0)
+    net = DeemUNetSideNetwork.from_diffusion_config(tiny_side_config(), feature_dim=6)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    skips, mid = [torch.randn(3, c, s, s) for c, s in net.skip_layout], torch.randn(3, 16, 2, 2)
+    feats = [torch.randn(3, 1, 6, s, s) for s in (8, 4, 2, 1)]
+    for mask in (torch.tensor([[1.0], [0.0], [0.0]]), torch.zeros(3, 1), torch.ones(3, 1)):
+        results = []
+        for fn in (net, lambda *a: _side_network_every_row(net, *a)):
+            net.zero_grad()
+            inputs = [s.clone().requires_grad_() for s in (*skips, mid)]
+            down, mid_res = fn(inputs[:-1], inputs[-1], feats, mask)
+            weights = [torch.randn(r.shape, generator=torch.Generator().manual_seed(i)) for i, r in enumerate(down)]
+            loss = sum((r * w).sum() for r, w in zip(down, weights)) + mid_res.square().sum()
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+            results.append(([*down, mid_res], [i.grad for i in inputs], grads))
+        (fast, fast_in, fast_p), (slow, slow_in, slow_p) = results
+        for a, b in zip(fast, slow):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(fast_in, slow_in):  # None: the fast path does not depend on the sample (no image seen)
+            torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b, rtol=1e-4, atol=1e-5)
+        for name in slow_p:  # parameters the fast path never reaches get exactly zero gradient the slow way
+            torch.testing.assert_close(
+                fast_p.get(name, torch.zeros_like(slow_p[name])), slow_p[name], atol=1e-5, rtol=1e-4
+            )
+        if not bool(mask.any()):
+            # no image anywhere: constant maps, and no features needed at all
+            assert all(bool((r == r[:1, :, :1, :1]).all()) for r in fast)
+            down, mid_res = net(skips, mid, None, mask)
+            for a, b in zip([*down, mid_res], slow):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="marks images as present"):
+        net(skips, mid, None, torch.ones(3, 1))

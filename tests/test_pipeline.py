@@ -675,3 +675,34 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_no_previous_image_constant_equals_running_the_side_network(model, pipe, monkeypatch):
+    """Without a previous image the pipeline adds the side network's closed-form constant residuals (no maps are
+    built or sampled); running every block on zero maps with mask 0, as the pipeline did before, gives the same
+    latents up to float rounding. The constant is not nothing: removing the side network changes the result."""
+    pe = cond(model, seed=30)
+    kw = dict(prompt_embeds=pe, num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent")
+    fast = pipe(**kw, generator=gen(31)).images
+    bare = model_pipeline(model)
+    bare.register_modules(side_network=None)
+    removed = bare(**kw, generator=gen(31)).images
+    net = model.unet_side
+    calls = []
+
+    def every_block(skips, mid, features, mask):
+        calls.append(features)
+        feat_dim = net.mid_block.feat_norm.normalized_shape[0]
+        zeros = [torch.zeros(mid.shape[0], 1, feat_dim, h, w) for h, w in net.mid_block.attn.spatial_shapes]
+        projected = net.project_features(zeros)
+        out = [
+            block(sample, value, projected.spatial_shapes, mask)
+            for block, sample, value in zip(net.blocks(), (*skips, mid), projected.values)
+        ]
+        return tuple(out[:-1]), out[-1]
+
+    monkeypatch.setattr(net, "forward", every_block)
+    slow = pipe(**kw, generator=gen(31)).images
+    assert len(calls) == STEPS and all(f is None for f in calls)  # the pipeline built no maps
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert (fast - removed).abs().max() > 1e-3
