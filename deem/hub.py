@@ -19,6 +19,8 @@ Evaluation results (``results=`` / ``results_json=``), one of:
   to ``"image-text-to-text"``, ``dataset`` (the Hub dataset id used in ``model-index``) to a slug of the
   benchmark name;
 * either of the above under a ``"results"`` key (e.g. an evaluation script's JSON file);
+* a ``deem evaluate`` results.json (``{"task", "benchmark", "metrics", "headline", ...}``; its headline metrics
+  become rows, see `evaluation_rows`), a list of them, or a folder holding them (every ``results.json`` under it);
 * a path to such a JSON file, or the JSON text itself.
 
 Scores are shown as given (numbers or strings such as ``"68.2 / 70.1"``); NaN / inf scores are refused.
@@ -46,6 +48,7 @@ __all__ = [
     "check_repo_id",
     "DEFAULT_BASE_MODELS",
     "DEFAULT_TAGS",
+    "evaluation_rows",
     "normalize_results",
     "push_model",
     "render_model_card",
@@ -142,6 +145,46 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "benchmark"
 
 
+def _is_evaluation(results) -> bool:
+    return isinstance(results, dict) and {"task", "benchmark", "metrics"} <= set(results)
+
+
+_MODE_NAMES = {"generate": None, "score": "option scoring"}
+
+
+def evaluation_rows(results: dict) -> list[dict]:
+    """The card rows of one ``deem evaluate`` results.json: its headline metrics (``headline``) per answer mode,
+    rounded to 2 decimals (percentages; FID as it is); metrics reported absent are left out."""
+    metrics = results.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        raise ValueError(f"results of {results.get('task')!r}: 'metrics' must be a non-empty dict of answer modes")
+    headline = results.get("headline") or []
+    settings = results.get("settings") or {}
+    task = "text-to-image" if results.get("task") == "t2i-fid" else DEFAULT_TASK
+    rows = []
+    for mode, values in metrics.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"results of {results['task']!r}: metrics[{mode!r}] must be a dict")
+        names = [n for n in headline if n in values] or [
+            n for n, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        suffix = _MODE_NAMES.get(mode, mode)
+        for name in names:
+            value = values[name]
+            rows.append(
+                {
+                    "benchmark": results["benchmark"],
+                    "score": round(float(value), 2),
+                    "metric": f"{name} ({suffix})" if suffix else name,
+                    "split": results.get("split"),
+                    "task": task,
+                    "notes": f"deem evaluate --task {results['task']}, {results.get('num_samples')} samples"
+                    + (f", {settings['answer_mode']}" if settings.get("answer_mode") == "both" else ""),
+                }
+            )
+    return rows
+
+
 def normalize_results(results: Any) -> list[dict]:
     """Any accepted results format (see the module docstring) -> a list of canonical rows
     ``{benchmark, score, metric, split, dataset, task, notes, source_url}`` (missing optional fields are ``None``)."""
@@ -149,6 +192,11 @@ def normalize_results(results: Any) -> list[dict]:
         return []
     if isinstance(results, os.PathLike) or (isinstance(results, str) and not results.lstrip().startswith(("{", "["))):
         path = Path(results)
+        if path.is_dir():  # a folder of `deem evaluate` outputs: every results.json under it
+            found = sorted(path.rglob("results.json"))
+            if not found:
+                raise FileNotFoundError(f"results: the folder {path} holds no results.json (deem evaluate's output)")
+            return [row for file in found for row in normalize_results(file)]
         if not path.is_file():
             raise FileNotFoundError(f"results: {str(results)!r} is neither JSON text nor an existing JSON file")
         try:
@@ -160,6 +208,10 @@ def normalize_results(results: Any) -> list[dict]:
             return normalize_results(json.loads(results))
         except json.JSONDecodeError as err:
             raise ValueError(f"results: not valid JSON text ({err})") from None
+    if _is_evaluation(results):
+        results = evaluation_rows(results)
+    elif isinstance(results, (list, tuple)) and any(_is_evaluation(r) for r in results):
+        results = [row for r in results for row in (evaluation_rows(r) if _is_evaluation(r) else [r])]
     if isinstance(results, dict) and isinstance(results.get("results"), (dict, list)):
         results = results["results"]
     if isinstance(results, dict):

@@ -307,3 +307,59 @@ def test_server_multipart_pr_tags_pagination_and_errors(client):
     with pytest.raises(HfHubHTTPError):
         api.create_branch(repo, branch="main")
     assert server.stats["unhandled"] == [] and server.stats["errors"] == []
+
+
+def test_card_evaluation_table_and_model_index_from_deem_evaluate_results(tmp_path):
+    """`deem evaluate`'s results.json files (one, a list, or the folder holding them) fill the card's evaluation
+    table and its model-index; absent metrics are not invented."""
+    from deem import DeemConfig
+    from deem.hub import normalize_results, render_model_card, results_from_card
+
+    pope = {
+        "task": "pope-random",
+        "benchmark": "POPE-Random",
+        "split": "random",
+        "headline": ["accuracy", "f1"],
+        "metrics": {
+            "generate": {"accuracy": 69.9123, "precision": 70.0, "f1": 71.25, "yes_ratio": 40.0},
+            "score": {"accuracy": 66.666, "f1": 60.0},
+        },
+        "num_samples": 3000,
+        "settings": {"answer_mode": "both"},
+    }
+    coco = {
+        "task": "coco-caption",
+        "benchmark": "COCO Caption",
+        "split": "karpathy-test",
+        "headline": ["cider", "bleu_4", "meteor"],
+        "metrics": {"generate": {"cider": 123.456, "bleu_4": 30.1, "absent": {"spice": "absent: no models"}}},
+        "num_samples": 5000,
+        "settings": {"answer_mode": "generate"},
+    }
+    for name, blob in (("pope", pope), ("coco", coco)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(blob))
+    rows = normalize_results(tmp_path)  # the folder: every results.json under it
+    assert [(r["benchmark"], r["metric"], r["score"]) for r in rows] == [
+        ("COCO Caption", "cider", 123.46),
+        ("COCO Caption", "bleu_4", 30.1),
+        ("POPE-Random", "accuracy", 69.91),
+        ("POPE-Random", "f1", 71.25),
+        ("POPE-Random", "accuracy (option scoring)", 66.67),
+        ("POPE-Random", "f1 (option scoring)", 60.0),
+    ]
+    assert normalize_results([pope]) == normalize_results(tmp_path / "pope" / "results.json") == rows[2:]
+    card = render_model_card(DeemConfig.tiny(), "me/deem-tiny", results_json=str(tmp_path / "pope" / "results.json"))
+    assert "| POPE-Random | random | accuracy | 69.91 |" in card
+    assert "| POPE-Random | random | accuracy (option scoring) | 66.67 |" in card
+    index = results_from_card(card)
+    assert [(r["benchmark"], r["metric"], r["score"], r["split"]) for r in index] == [
+        ("POPE-Random", "accuracy", 69.91, "random"),
+        ("POPE-Random", "f1", 71.25, "random"),
+        ("POPE-Random", "accuracy (option scoring)", 66.67, "random"),
+        ("POPE-Random", "f1 (option scoring)", 60.0, "random"),
+    ]
+    assert "meteor" not in json.dumps(normalize_results(coco))  # reported absent -> no row
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no results.json"):
+        normalize_results(tmp_path / "empty")
