@@ -1,7 +1,9 @@
 """Command line: ``deem`` (or ``python -m deem``).
 
-``deem`` / ``deem demo``: build the tiny default model, run one training-mode forward on generated images and
-print the loss components and the parameter table. ``deem params [--config 7b|tiny] [--stage N]``: the
+``deem`` (plain, also ``python -m deem``) / ``deem world``: the main command, DEEM learning the built-in world
+(``deem.world``: components, assembly, the three stages, evaluation, drawing, a report folder). ``deem demo``: build
+the tiny default model, run one training-mode forward on generated images and print the loss components and the
+parameter table. ``deem params [--config 7b|tiny] [--stage N]``: the
 per-component parameter table (the 7B model is built on the meta device, no memory or download needed).
 ``deem assemble`` / ``deem convert`` / ``deem train``: see ``deem <command> --help``.
 
@@ -297,6 +299,68 @@ def _add_train(sub) -> None:
     _debug_flag(p)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="run one of the paper's benchmarks: deem evaluate --task NAME --data PATH --images DIR --model DIR",
+        description="Evaluate a saved DEEM on a benchmark with the paper's protocol (deem.evaluation). Predictions are "
+        "appended to OUT/predictions.jsonl as they are made (a rerun resumes); OUT/results.json and results.md "
+        "hold the scores. Works under accelerate launch (one shard per process).",
+    )
+    p.add_argument("--task", required=True, help="benchmark name, e.g. pope-random, vqav2, coco-caption, t2i-fid")
+    p.add_argument("--data", required=True, type=path_arg, help="the benchmark's annotation file / folder")
+    p.add_argument("--images", required=True, type=path_arg, help="folder of the benchmark's images")
+    p.add_argument("--model", required=True, type=path_arg, help="saved model directory (model + processor)")
+    p.add_argument("--out", type=path_arg, help="output folder (predictions, results); default: none kept")
+    p.add_argument("--limit", type=positive_int, help="only the first N samples")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch (8)")
+    p.add_argument("--answer-mode", choices=["generate", "score", "both"], default="generate")
+    p.add_argument("--max-new-tokens", type=positive_int, help="default: the task's (the original eval settings)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as saved")
+    p.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        type=assignment,
+        metavar="KEY=VALUE",
+        help="task option (YAML value), e.g. parser=lmms-eval, num_beams=1, meteor=false; repeatable",
+    )
+    _debug_flag(p)
+
+
+def _add_world(sub) -> None:
+    p = sub.add_parser(
+        "world",
+        help="the main command: DEEM learns the built-in world (components, 3 stages, evaluation, drawing, report)",
+        description="Assemble DEEM from the world's pretrained components, train stages 1-3 on the world's data in the "
+        "real formats, evaluate, draw, and write OUT/report/ (report.md, samples.png, loss_curves.png). Each phase "
+        "is cached in OUT: a rerun or an interrupted run resumes.",
+    )
+    p.add_argument("--out", type=path_arg, default="deem_world", help="output folder (default ./deem_world)")
+    p.add_argument("--quick", action="store_true", help="the CI-sized run (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--ablation", action="store_true", help="also stage 1 with / without L_CSR over several seeds")
+    p.add_argument("--pretrain", action="store_true", help="pretrain the three components here (stage 0)")
+    p.add_argument("--fresh", action="store_true", help="ignore the cached phases in OUT and run everything again")
+    _debug_flag(p)
+
+
+def _add_bench(sub) -> None:
+    from deem.bench.__main__ import add_arguments  # argparse only: nothing heavy
+
+    p = sub.add_parser(
+        "bench",
+        help="side-by-side benchmarks against the stock library paths (JSON + markdown table)",
+        description="Run the side-by-side benchmarks (deem.bench): our pipeline / decoding / training step against "
+        "diffusers' StableDiffusionPipeline, LlamaForCausalLM.generate and the step without CSR, on the same weights.",
+    )
+    add_arguments(p)
+    _debug_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deem`` parser with every sub-command (no heavy import)."""
     parser = _Parser(
@@ -308,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in (_add_demo, _add_params, _add_assemble, _add_convert, _add_train):
+    for add in (_add_demo, _add_params, _add_assemble, _add_convert, _add_train, _add_evaluate, _add_world, _add_bench):
         add(sub)
     return parser
 
@@ -325,8 +389,8 @@ def _version() -> str:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command is None and not extra:  # plain `deem` (or `deem --debug`) is the demo
-        args, extra = parser.parse_known_args([*argv, "demo"])
+    if args.command is None and not extra:  # plain `deem` (or `deem --debug`) is the main command: the world
+        args, extra = parser.parse_known_args([*argv, "world"])
     if extra:  # named by the command they were given to (argparse would blame the top-level parser)
         prog = f"deem {args.command}" if args.command else "deem"
         raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{prog} --help')", prog=prog)
@@ -436,12 +500,33 @@ def _run_train(args):
     return run(args)
 
 
+def _run_evaluate(args):
+    from .evaluation.cli import run
+
+    return run(args)
+
+
+def _run_world(args):
+    from .world.cli import run
+
+    return run(args)
+
+
+def _run_bench(args):
+    from deem.bench.__main__ import run
+
+    return run(args)
+
+
 COMMANDS = {
+    "bench": _run_bench,
     "demo": cmd_demo,
     "params": cmd_params,
     "assemble": _run_assemble,
     "convert": _run_convert,
     "train": _run_train,
+    "evaluate": _run_evaluate,
+    "world": _run_world,
 }
 
 # ------------------------------------------------------------------------------------------------------ errors

@@ -748,7 +748,8 @@ CASES = [
         "train-config-missing",
         lambda c: ["train", "--config", str(c.tmp / "nope.yaml"), "--stage", "1"],
         FAIL,
-        r"--config .*nope\.yaml: no such file, nor a shipped config \(stage1_7b, stage2_7b, stage3_7b, tiny\)",
+        r"--config .*nope\.yaml: no such file, nor a shipped config "
+        r"\(stage1_7b, stage2_7b, stage3_7b, tiny, world_stage1, world_stage2, world_stage3\)",
     ),
     (
         "train-config-syntax",

@@ -142,9 +142,10 @@ def test_unexpected_errors_are_one_line_naming_their_type(monkeypatch, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "deem demo: error: RuntimeError: the kernel said no second line (run with --debug for the traceback)"
     ]
+    monkeypatch.setitem(deem.cli.COMMANDS, "world", broken)
     with pytest.raises(SystemExit):
-        main([])  # plain `deem` is the demo
-    assert "RuntimeError: the kernel said no" in capsys.readouterr().err
+        main([])  # plain `deem` is the main command, `deem world`
+    assert capsys.readouterr().err.startswith("deem world: error: RuntimeError: the kernel said no")
 
 
 def test_public_names_load_lazily_and_keep_the_card_hook():

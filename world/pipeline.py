@@ -1,0 +1,280 @@
+"""`python -m deem` / `deem world`: the whole system on the built-in world, through the public API.
+
+Phases (each one's result is cached in ``OUT/<phase>/``, marked complete by ``OUT/<phase>/done.json``; a rerun or an
+interrupted run resumes at the first unfinished phase):
+
+1. ``data``: the world's training and evaluation sets in the real formats (`formats.write_world_data`);
+2. ``components``: the shipped pretrained components (``world/pretrained/``) or, with ``pretrain=True`` (or when
+   none are shipped), stage 0 run here (`components.pretrain_components`);
+3. ``assembled``: `deem.conversion.assemble.assemble_deem` (what ``deem assemble`` runs) on the three components;
+4. ``stage1`` / ``stage2`` / ``stage3``: ``deem train`` (`deem.trainers.cli.run`) with
+   ``trainers/configs/world_stage{1,2,3}.yaml``; every stage saves the model and its processor;
+5. ``evaluation``: yes/no (POPE-style, RobustVQA-style in / out of distribution), captions (CIDEr beside a
+   random-caption baseline), region captions, text-to-image drawings scored by the renderer's detector, where
+   ``<|startofimage|>`` is emitted (`evaluate.evaluate_world`);
+6. ``report``: ``report.md``, ``samples.png`` (interleaved stories drawn with ``generate(soi="draw")``),
+   ``loss_curves.png``, ``results.json``.
+
+``ablation=True`` adds stage 1 with and without L_CSR over several seeds (each followed by the same short stage 2,
+the default recipe), evaluated on the RobustVQA-style sets in and out of distribution (the paper's Table 6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+PHASES = ("data", "components", "assembled", "stage1", "stage2", "stage3", "evaluation", "report")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "trainers" / "configs"
+
+
+@dataclass
+class WorldRun:
+    """Every size of a run; `quick()` is the CI one."""
+
+    quick: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    pretrain: bool = False
+    stage1_steps: int = 100
+    stage2_steps: int = 200
+    stage3_steps: int = 30
+    batch_size: int = 4
+    num_image_tokens: int = 8
+    image_embed_dim: int = 64
+    draw_steps: int = 20
+    open_gates: float = 0.5
+    ablation_seeds: tuple = (0, 1, 2)
+    ablation_stage1_steps: int = 100
+    ablation_stage2_steps: int = 100
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, quick: bool = False, **kwargs) -> "WorldRun":
+        if quick:
+            base = dict(
+                quick=True,
+                stage1_steps=6,
+                stage2_steps=50,
+                stage3_steps=3,
+                draw_steps=4,
+                ablation_seeds=(0,),
+                ablation_stage1_steps=4,
+                ablation_stage2_steps=20,
+            )
+            base.update(kwargs)
+            return cls(**base)
+        return cls(**kwargs)
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "done.json").is_file()
+
+
+def _mark(folder: Path, info: dict) -> None:
+    tmp = folder / ".done.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, folder / "done.json")
+
+
+def _overrides(run: WorldRun) -> dict:
+    return {
+        "perceiver_config": {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        "decoder_perceiver_config": {"num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 1},
+        "cross_attention_config": {"num_points": 2, "frequency": 1, "num_heads": 4},
+        "diffusion_config": {"side_num_heads": 4, "side_num_points": 2},
+        "text_config": {"max_position_embeddings": 512},
+        "context_max_positions": 512,
+    }
+
+
+class Pipeline:
+    def __init__(self, out, run: WorldRun):
+        self.out = Path(out)
+        self.run = run
+        self.times: dict[str, float] = {}
+        self.results: dict = {}
+
+    # ------------------------------------------------------------------------------------------------ phases
+
+    def phase_data(self, folder: Path) -> dict:
+        from .formats import WorldSizes, write_world_data
+
+        sizes = WorldSizes.quick() if self.run.quick else WorldSizes()
+        write_world_data(folder, sizes, seed=self.run.seed)
+        return asdict(sizes)
+
+    def phase_components(self, folder: Path) -> dict:
+        from .components import SHIPPED, ComponentSizes, component_paths, pretrain_components
+
+        shipped = component_paths(SHIPPED)
+        if not self.run.pretrain and all(p.exists() for p in shipped.values()):
+            from deem.conversion.assemble import staged_output_dir
+
+            with staged_output_dir(folder, overwrite=True) as tmp:
+                for name in ("llm", "sd"):
+                    shutil.copytree(shipped[name], Path(tmp) / name)
+                shutil.copy2(shipped["clip"], Path(tmp) / shipped["clip"].name)
+                if (SHIPPED / "report.json").is_file():
+                    shutil.copy2(SHIPPED / "report.json", Path(tmp) / "report.json")
+            return {"source": str(SHIPPED)}
+        sizes = ComponentSizes.quick() if self.run.quick else ComponentSizes()
+        report = pretrain_components(folder, sizes, seed=self.run.seed)
+        return {"source": "pretrained here", **report}
+
+    def phase_assembled(self, folder: Path) -> dict:
+        import torch
+
+        from deem.conversion.assemble import assemble_deem, staged_output_dir
+
+        from .components import component_paths
+
+        paths = component_paths(self.out / "components")
+        if folder.exists():
+            shutil.rmtree(folder)
+        model, processor = assemble_deem(
+            paths["llm"],
+            paths["sd"],
+            paths["clip"],
+            image_size=32,
+            num_image_tokens=self.run.num_image_tokens,
+            image_embed_dim=self.run.image_embed_dim,
+            config_overrides=_overrides(self.run),
+            seed=self.run.seed,
+        )
+        # The world's one change to the original's init (documented in the report): the cross-attention gates start
+        # at `open_gates` instead of 0, so the tiny LLM reads the image maps from the first step (with zero gates and
+        # a few hundred CPU steps it learns the answers' prior and never looks; a 7B LLM has far more steps).
+        with torch.no_grad():
+            for layer in model.language_model.layers:
+                if layer.cross_attn is not None:
+                    layer.cross_attn.gate.fill_(self.run.open_gates)
+        with staged_output_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        return {"parameters": sum(p.numel() for p in model.parameters()), "cross_attention_gates": self.run.open_gates}
+
+    def _train(self, stage: int, folder: Path, source: Path, steps: int, seed: int, extra_sets=()) -> dict:
+        from deem.cli import parse_command
+        from deem.trainers.cli import run as train_run
+
+        data = self.out / "data"
+        sets = [f"model.path={source}", f"training.max_steps={steps}", f"training.seed={seed}"]
+        if stage == 1:
+            sets += [
+                f"data.sources.mmc4.path={data / 'mmc4' / 'docs.jsonl'}",
+                f"data.sources.mmc4.images={data / 'mmc4' / 'images'}",
+                f"data.sources.pairs.path={data / 'pairs'}",
+            ]
+        elif stage == 2:
+            sets += [
+                f"data.sources.llava.path={data / 'llava' / 'llava.json'}",
+                f"data.sources.llava.images={data / 'llava' / 'images'}",
+            ]
+        else:
+            sets += [
+                f"data.sources.referring.path={data / 'referring' / 'refs.json'}",
+                f"data.sources.referring.images={data / 'referring' / 'images'}",
+            ]
+        if self.run.device != "cpu":
+            sets.append("training.use_cpu=false")
+        sets += list(extra_sets)
+        if folder.exists():
+            shutil.rmtree(folder)
+        argv = ["--stage", str(stage), "--config", str(CONFIG_DIR / f"world_stage{stage}.yaml")]
+        for s in sets:
+            argv += ["--set", s]
+        argv += ["--output_dir", str(folder)]
+        train_run(parse_command("train", argv))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        return {"log_history": state.get("log_history", []), "steps": steps, "sets": sets}
+
+    def phase_stage1(self, folder: Path) -> dict:
+        return self._train(1, folder, self.out / "assembled", self.run.stage1_steps, self.run.seed)
+
+    def phase_stage2(self, folder: Path) -> dict:
+        return self._train(2, folder, self.out / "stage1", self.run.stage2_steps, self.run.seed)
+
+    def phase_stage3(self, folder: Path) -> dict:
+        return self._train(3, folder, self.out / "stage2", self.run.stage3_steps, self.run.seed)
+
+    def phase_evaluation(self, folder: Path) -> dict:
+        from .evaluate import evaluate_world
+
+        folder.mkdir(parents=True, exist_ok=True)
+        return evaluate_world(self.out, folder, self.run)
+
+    def phase_ablation(self, folder: Path) -> dict:
+        from .evaluate import evaluate_yes_no_sets
+
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for seed in self.run.ablation_seeds:
+            for csr in (5.0, 0.0):
+                tag = f"seed{seed}_csr{csr:g}"
+                s1, s2 = folder / f"{tag}_stage1", folder / f"{tag}_stage2"
+                self._train(
+                    1,
+                    s1,
+                    self.out / "assembled",
+                    self.run.ablation_stage1_steps,
+                    seed,
+                    [f"training.loss_csr_weight={csr}"],
+                )
+                self._train(2, s2, s1, self.run.ablation_stage2_steps, seed)  # the same stage 2 for both arms
+                scores = evaluate_yes_no_sets(self.out / "data", s2, self.run)
+                rows.append({"seed": seed, "csr_weight": csr, **scores})
+                for d in (s1, s2):
+                    shutil.rmtree(d, ignore_errors=True)
+        return {"rows": rows}
+
+    def phase_report(self, folder: Path) -> dict:
+        from .report import write_report
+
+        folder.mkdir(parents=True, exist_ok=True)
+        return write_report(self.out, folder, self.run, self.times)
+
+    # ------------------------------------------------------------------------------------------------ driver
+
+    def run_all(self, ablation: bool = False, progress=None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        phases = list(PHASES)
+        if ablation:
+            phases.insert(phases.index("report"), "ablation")
+        times_file = self.out / "phase_times.json"
+        if times_file.is_file():
+            self.times = json.loads(times_file.read_text())
+        from tqdm.auto import tqdm
+
+        bar = tqdm(phases, desc="deem world", unit="phase", disable=progress is False)
+        for name in bar:
+            folder = self.out / name
+            if name != "report" and _done(folder):
+                bar.set_postfix_str(f"{name}: cached")
+                continue
+            bar.set_postfix_str(f"{name}: running")
+            logger.info(f"phase {name}")
+            start = time.time()
+            info = getattr(self, f"phase_{name}")(folder)
+            self.times[name] = round(time.time() - start, 1)
+            if name == "report":
+                self.times["report"] = self.times[name]
+            _mark(folder, {"phase": name, "seconds": self.times[name], "info": info})
+            times_file.write_text(json.dumps(self.times, indent=2))
+            tqdm.write(f"deem world: {name} done in {self.times[name]:.0f} s")
+        return json.loads((self.out / "results.json").read_text())
