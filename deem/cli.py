@@ -17,6 +17,7 @@ contradictory argument) and 1 for a failure (a missing or unreadable file, a che
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import sys
@@ -482,51 +483,25 @@ def cmd_demo(args) -> None:
     print(format_table(model.parameter_table(), "\ntiny model, stage 1 (current requires_grad)"))
 
 
-def _run_assemble(args):
-    from .conversion.assemble import run
+def _lazy(module: str):
+    """The runner of a command whose code lives in ``module`` (its ``run(args)``), imported only when the command
+    runs, so that ``deem --help`` never imports torch."""
 
-    return run(args)
+    def run(args):
+        return importlib.import_module(module).run(args)
 
-
-def _run_convert(args):
-    from .conversion.convert_original import run
-
-    return run(args)
-
-
-def _run_train(args):
-    from .trainers.cli import run
-
-    return run(args)
-
-
-def _run_evaluate(args):
-    from .evaluation.cli import run
-
-    return run(args)
-
-
-def _run_world(args):
-    from .world.cli import run
-
-    return run(args)
-
-
-def _run_bench(args):
-    from deem.bench.__main__ import run
-
-    return run(args)
+    return run
 
 
 COMMANDS = {
-    "bench": _run_bench,
+    "bench": _lazy("deem.bench.__main__"),
     "demo": cmd_demo,
     "params": cmd_params,
-    "assemble": _run_assemble,
-    "convert": _run_convert,
-    "train": _run_train,
-    "evaluate": _run_evaluate,
-    "world": _run_world,
+    "assemble": _lazy("deem.conversion.assemble"),
+    "convert": _lazy("deem.conversion.convert_original"),
+    "train": _lazy("deem.trainers.cli"),
+    "evaluate": _lazy("deem.evaluation.cli"),
+    "world": _lazy("deem.world.cli"),
 }
 
 # ------------------------------------------------------------------------------------------------------ errors

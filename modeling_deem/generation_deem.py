@@ -356,26 +356,18 @@ class DeemGenerationMixin(GenerationMixin):
                 masks.append(torch.cat([attention_mask[b], (torch.arange(width, device=ids.device) < len(opt)).long()]))
                 targets.append(len(opt))
         ids, mask = torch.stack(rows), torch.stack(masks)
-        pixels = image_masks_rep = counts = None
+        memory = None
         if pixel_values is not None:
-            _, per_row = check_sequence_inputs(
+            runs, per_row = check_sequence_inputs(
                 self.config, input_ids, attention_mask, pixel_values, image_masks, num_images
             )
-            groups = list(pixel_values.split(per_row.tolist()))
-            pixels = torch.cat([g for g in groups for _ in range(n_opt)])
-            if image_masks is not None:
-                mgroups = list(image_masks.split(per_row.tolist()))
-                image_masks_rep = torch.cat([g for g in mgroups for _ in range(n_opt)])
-            counts = per_row.repeat_interleave(n_opt)
+            if pixel_values.shape[0] > 0:  # each image encoded once, its memory shared by the row's option rows
+                enc = self.model.image_encoder(pixel_values.to(self.dtype), image_masks)
+                memory = self.model.image_memory(enc, runs, per_row, batch).repeat_interleave(n_opt)
+                memory = self.model.project_image_memory(memory)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self(
-            input_ids=ids,
-            attention_mask=mask,
-            pixel_values=pixels,
-            image_masks=image_masks_rep,
-            num_images=counts,
-            position_ids=position_ids,
-            return_loss=False,
+            input_ids=ids, attention_mask=mask, image_memory=memory, position_ids=position_ids, return_loss=False
         ).logits
         logprobs = logits[:, input_ids.shape[1] - 1 : -1].float().log_softmax(-1)
         option_ids = ids[:, input_ids.shape[1] :]

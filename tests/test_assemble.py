@@ -16,6 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizer_utils import build_test_tokenizer
 
+from deem.world.components import MODEL_INDEX, SCHEDULER
+from deem.world.components import write_clip_tokenizer as world_clip_tokenizer
+
 SD_TEXT_LEN = 16  # the tiny SD tokenizer's model_max_length (77 for the real one)
 HIDDEN = 32
 CROSS_DIM = 32
@@ -69,32 +72,6 @@ VAE = {
     "scaling_factor": 0.18215,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
-SCHEDULER = {  # SD 2.1-base's scheduler/scheduler_config.json
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.8.0",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 class NotATensor:
@@ -133,45 +110,9 @@ def write_llama(path, tie=False, seed=0):
     return model
 
 
-def _bytes_to_unicode():
-    """GPT-2 / CLIP byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_clip_tokenizer(path):
-    """SD's tokenizer/ folder: vocab.json + merges.txt (byte-level BPE with "</w>" word ends), configs."""
-    path.mkdir(parents=True)
-    chars = _bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "!",
-    }
-    (path / "special_tokens_map.json").write_text(json.dumps(special))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                **special,
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": SD_TEXT_LEN,
-                "do_lower_case": True,
-                "errors": "replace",
-            }
-        )
-    )
-    return len(tokens)
+    """SD's tokenizer/ folder (byte-level CLIP BPE), the world's writer at this test's text length and pad token."""
+    return world_clip_tokenizer(path, max_length=SD_TEXT_LEN, pad_token="!")
 
 
 def write_sd(path, seed=0):

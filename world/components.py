@@ -205,16 +205,17 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def write_clip_tokenizer(path: Path) -> int:
-    """SD's ``tokenizer/``: a byte-level CLIP BPE (vocab.json + merges.txt, "</w>" word ends) over characters."""
+def write_clip_tokenizer(path: Path, max_length: int = SD_TEXT_LEN, pad_token: str = "<|endoftext|>") -> int:
+    """SD's ``tokenizer/``: a byte-level CLIP BPE (vocab.json + merges.txt, "</w>" word ends) over characters;
+    returns the vocabulary size."""
     path.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (path / "merges.txt").write_text("#version: 0.2\n")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
-    special["pad_token"] = "<|endoftext|>"
-    config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": SD_TEXT_LEN, "do_lower_case": True}
+    special["pad_token"] = pad_token
+    config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True}
     (path / "special_tokens_map.json").write_text(json.dumps(special))
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "errors": "replace"}))
     return len(tokens)
