@@ -574,6 +574,74 @@ def test_sharding_reads_the_torch_distributed_rank(tmp_path):
     assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1]) and len(keys[0]) + len(keys[1]) == 10
 
 
+def test_streaming_data_is_a_datasets_iterable_dataset_sharded_by_its_units(tmp_path, processor):
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    tars = write_pair_tars(tmp_path, 6, 2)
+    pairs = read_pairs(tars, text_drop_prob=0.0, seed=1)
+    packed = PackedDataset(read_pairs(tars, seed=1), processor, 64)
+    mixed = MixedDataset({"pairs": pairs, "text": SampleList(text_samples("text", 4), chunk_size=1)}, seed=0)
+    for ds, shards in ((pairs, 6), (packed, 6), (mixed, 4)):  # a mixture has its smallest source's shard count
+        assert isinstance(ds, datasets.IterableDataset) and ds.n_shards == shards
+    everything = sorted(sample_text(s) for s in pairs)
+    assert len(everything) == 12
+    # datasets' own split by node: disjoint, complete, and the same as the readers' rank / world_size arguments
+    for strategy, world in (("auto", 2), ("auto", 4), ("examples", 2)):  # 6 shards over 4 ranks: by examples
+        parts = [[sample_text(s) for s in split_dataset_by_node(pairs, r, world, strategy)] for r in range(world)]
+        assert sorted(sum(parts, [])) == everything and all(parts), (strategy, world)
+    by_rank = [read_pairs(tars, text_drop_prob=0.0, seed=1, rank=r, world_size=3) for r in range(3)]
+    assert [ds.node_split for ds in by_rank] == [(0, 3), (1, 3), (2, 3)] and by_rank[0].n_shards == 2
+    assert sorted(sample_text(s) for ds in by_rank for s in ds) == everything
+    unsplit = by_rank[1].without_node_split()
+    assert type(unsplit) is type(pairs) and unsplit.node_split is None
+    assert sorted(sample_text(s) for s in unsplit) == everything
+    with pytest.raises(ValueError, match="split by node differently"):
+        MixedDataset({"a": by_rank[0], "b": SampleList(text_samples("b", 3))})
+    with pytest.raises(TypeError, match="MixedDataset source 'a' needs a deem.trainers.data streaming source"):
+        MixedDataset({"a": iter(text_samples("a", 3))})
+
+
+def test_set_epoch_reshuffles_through_datasets_deterministically(tmp_path):
+    tars = write_pair_tars(tmp_path, 4, 5)
+
+    def order(epoch, **kw):
+        ds = read_pairs(tars, text_drop_prob=0.0, seed=2, shuffle_buffer=8, **kw)
+        ds.set_epoch(epoch)
+        return [sample_text(s).replace(MARK, "").removesuffix("</s>") for s in ds]  # the captions, in order
+
+    first = order(0)
+    assert sorted(first) == sorted(order(0, shuffle=False)) and first != order(0, shuffle=False)
+    assert order(0) == first and order(1) == order(1) and order(1) != first
+    assert order(1, shuffle=False) == order(0, shuffle=False)  # no shuffling: the same order in every epoch
+    # a never-ending mixture ("cycle") reshuffles each pass of its source
+    cycled = MixedDataset({"a": SampleList(text_samples("a", 10), chunk_size=2)}, stopping="cycle", seed=0)
+    passes = [[sample_text(s) for _, s in zip(range(10), it)] for it in [iter(cycled)] for _ in range(3)]
+    assert all(sorted(p) == sorted(sample_text(s) for s in text_samples("a", 10)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 3
+
+
+def test_accelerate_shards_the_stream_per_process(tmp_path):
+    """What the Trainer's loader does with 2 processes and no dispatch: `shard(2, rank)` on our dataset (type
+    kept, so `set_epoch` reaches the reader), and `IterableDatasetShard` when there are fewer shards than ranks."""
+    from accelerate.data_loader import prepare_data_loader
+
+    for n_shards, sharded in ((4, True), (1, False)):
+        (tmp_path / str(n_shards)).mkdir()
+        tars = write_pair_tars(tmp_path / str(n_shards), n_shards, 8 // n_shards)
+        seen = []
+        for rank in range(2):
+            dataset = read_pairs(tars, text_drop_prob=0.0, seed=0)
+            loader = DataLoader(dataset, batch_size=2, collate_fn=lambda s: s)
+            loader = prepare_data_loader(
+                loader, num_processes=2, process_index=rank, put_on_device=False, dispatch_batches=False
+            )
+            assert (type(loader.dataset) is type(dataset)) == sharded
+            seen.append([sample_text(s) for batch in loader for s in batch])
+        assert len(seen[0]) == len(seen[1]) == 4 and not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == sorted(sample_text(s) for s in read_pairs(tars, text_drop_prob=0.0))
+
+
 # ---------------------------------------------------------------- bad input: skip counts and raise messages
 
 

@@ -100,7 +100,7 @@ def test_stage_trains_on_real_format_data(tmp_path, stage, build):
 @pytest.mark.slow
 def test_streaming_reader_under_two_processes_reads_each_sample_once(tmp_path):
     """2 processes x batch 2 x 2 steps over 8 streamed pairs: the ranks together train on every pair exactly once
-    (accelerate must not split or dispatch the readers' own per-rank shards again)."""
+    (the Trainer's own loader: accelerate gives each process one of the reader's 2 tar shards, no dispatch)."""
     import os
     import subprocess
     from pathlib import Path
@@ -125,3 +125,26 @@ def test_streaming_reader_under_two_processes_reads_each_sample_once(tmp_path):
     assert len(captions(seen[0])) == len(captions(seen[1])) == 4
     assert not set(captions(seen[0])) & set(captions(seen[1]))
     assert len(captions(seen[0] + seen[1])) == 8
+
+
+def test_streaming_reader_through_the_trainers_own_loader(tmp_path):
+    """No loader override: the Trainer's `get_train_dataloader` (accelerate) reads a streaming reader, with
+    ``dispatch_batches`` off unless the arguments ask for it."""
+    from transformers import Trainer
+
+    from deem.trainers import DeemTrainer
+    from deem.trainers.data import DeemDataCollator, read_pairs
+
+    assert DeemTrainer.get_train_dataloader is Trainer.get_train_dataloader
+    model, processor = _real_tokenizer_setup()
+    (tmp_path / "pairs").mkdir()
+    shards = write_pair_tars(tmp_path / "pairs", 2, 3)
+    collator = DeemDataCollator(processor, max_length=256, train_transforms=False)
+    dataset = read_pairs(shards, text_drop_prob=0.0, seed=0)
+    trainer = DeemTrainer(model, _args(tmp_path / "out", 1, max_steps=2), train_dataset=dataset, data_collator=collator)
+    assert trainer.accelerator.dispatch_batches is False and trainer.train_dataset is dataset
+    batches = list(trainer.get_train_dataloader())
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 2]
+    asked = _args(tmp_path / "out2", 1, max_steps=2, accelerator_config={"dispatch_batches": True})
+    trainer = DeemTrainer(model, asked, train_dataset=dataset, data_collator=collator)
+    assert trainer.accelerator.dispatch_batches is True

@@ -69,6 +69,7 @@ class DeemTrainerMixin(AtomicCheckpointMixin):
         self._gen_micro = 0
         self._eval_generator = None
         self._staging = False
+        self._streaming_for_accelerate()
 
     @staticmethod
     def _apply_stage(model, args):
@@ -78,32 +79,36 @@ class DeemTrainerMixin(AtomicCheckpointMixin):
             else:
                 deem_base_model(model).set_training_stage(args.stage)
 
+    # ------------------------------------------------------------------ data
+
+    def create_accelerator_and_postprocess(self):
+        """The Trainer's accelerator, with ``dispatch_batches=False`` unless ``accelerator_config`` sets it.
+
+        accelerate's default for an ``IterableDataset`` (our streaming data is a ``datasets.IterableDataset``) is
+        to dispatch: rank 0 reads and collates the batches of every process and concatenates them, which fails on
+        DEEM batches (padded per batch to different lengths, image lists) and makes rank 0 do all the reading.
+        Without it, accelerate splits by process itself: ``dataset.shard(num_processes, process_index)`` when the
+        dataset has at least as many shards as processes, else `IterableDatasetShard`."""
+        config = self.args.accelerator_config
+        if getattr(config, "dispatch_batches", False) is None:
+            config.dispatch_batches = False
+        return super().create_accelerator_and_postprocess()
+
+    def _streaming_for_accelerate(self) -> None:
+        """A ``deem.trainers.data`` stream split by node already (built with rank / world_size, or after the
+        process group existed) is handed to accelerate without that split, since accelerate splits by process."""
+        dataset = self.train_dataset
+        split = getattr(dataset, "node_split", None)
+        if split is None or self.args.world_size <= 1 or not hasattr(dataset, "without_node_split"):
+            return
+        if split != (self.args.process_index, self.args.world_size):
+            logger.warning(
+                f"the training data was split for (rank, world_size) = {split}, but this is process "
+                f"{self.args.process_index} of {self.args.world_size}; accelerate splits it by process instead"
+            )
+        self.train_dataset = dataset.without_node_split()
+
     # ------------------------------------------------------------------ optimizer
-
-    def get_train_dataloader(self):
-        """Map-style data: the Trainer's own loader. Streaming data (``IterableDataset``): the ``deem.trainers.data``
-        readers already give every (rank, worker) its own disjoint part, so the loader is prepared as for a
-        single process — accelerate must not split or dispatch it a second time (each rank would then see only a
-        fraction of its share)."""
-        if not isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            return super().get_train_dataloader()
-        from accelerate.data_loader import prepare_data_loader
-
-        loader = torch.utils.data.DataLoader(
-            self.train_dataset,
-            batch_size=self._train_batch_size,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-        )
-        return prepare_data_loader(
-            loader,
-            device=self.accelerator.device,
-            num_processes=1,
-            process_index=0,
-            put_on_device=True,
-            dispatch_batches=False,
-        )
 
     def create_optimizer(self, model=None):
         """AdamW (or ``args.optim``) over [`build_param_groups`]: per-group learning rates and weight decay."""
@@ -283,7 +288,10 @@ class DeemTrainer(DeemTrainerMixin, Trainer):
       stage 3 NTP) and a per-micro-batch seeded ``generator`` to the model on every call;
     - ``create_optimizer``: per-group learning rates / weight decay ([`build_param_groups`]);
     - logs ``loss_ntp``, ``loss_nip``, ``loss_csr`` with ``loss`` (see [`DeemTrainerMixin`] for the normalisation);
-    - writes checkpoints atomically.
+    - writes checkpoints atomically;
+    - streaming data (``deem.trainers.data``, a ``datasets.IterableDataset``) goes through the Trainer's own loader:
+      accelerate splits it by process (``shard`` per process, datasets' shards), with ``dispatch_batches`` off by
+      default (see `create_accelerator_and_postprocess`).
     """
 
     def __init__(self, model=None, args: DeemTrainingArguments | None = None, *pos, **kwargs):

@@ -28,15 +28,17 @@ Typical stage-1 setup::
     train = MixedDataset({"mmc4": mmc4, "pairs": pairs}, {"mmc4": 2, "pairs": 1}, seed=42, per_batch=4)
     collator = DeemDataCollator(processor, 2048, train_transforms=True, center_crop=True, seed=42)
 
-Sharding: a streaming source splits its shards (or, with fewer shards than readers, its records) over
-rank x DataLoader worker slots, so each (rank, worker) reads a disjoint part and all of them read everything
-(`sources` module docstring). The rank comes from `torch.distributed`. The HF `Trainer` (accelerate) also splits
-an `IterableDataset` across processes itself (``dispatch_batches``: rank 0 reads and sends batches; otherwise
-`IterableDatasetShard`: every rank reads the full stream and keeps its share). With it, build the sources with
-``shard_by_rank=False`` (our worker split remains; accelerate's rank 0 reads and dispatches), or keep our rank
-split and wrap the DataLoader with ``accelerate.data_loader.prepare_data_loader(loader, device=...,
-num_processes=1, process_index=0, dispatch_batches=False)`` so it is not split a second time. Ranks may then get
-different amounts of data: train with ``max_steps`` and ``MixedDataset(..., stopping="cycle")``.
+Streaming: every streaming object here (the readers, `StreamingView` / `SampleList`, `PackedDataset`,
+`MixedDataset`) is a `datasets.IterableDataset` (`DeemIterableDataset`) whose shards are the source's units
+(files / tar shards / index chunks: ``n_shards``). Ranks: `datasets.distributed.split_dataset_by_node` (explicit
+``rank`` / ``world_size``, or an initialised `torch.distributed` group when the reader is built); DataLoader
+workers: datasets' own split of the shards; shuffling: `IterableDataset.shuffle(seed, buffer_size)` with
+`set_epoch`; mixing: `datasets.interleave_datasets` (`mixing` module). The samples are python objects (PIL
+images, numpy masks): the datasets declare `SAMPLE_FEATURES`, so datasets passes them through untouched.
+Under the HF `Trainer`, accelerate splits by process: `DeemTrainer` gives it the dataset without a node split and
+accelerate calls ``shard(num_processes, process_index)`` when there are at least as many shards as processes
+(else `IterableDatasetShard`: every rank reads the stream and keeps its batches). With ``stopping="cycle"`` and
+``max_steps`` ranks never run dry.
 
 Bad input (missing or corrupt images, too many images, over-long text, masks that do not match their image,
 malformed records): ``on_error="skip"`` drops it, counts it in ``obj.skipped[reason]`` and logs a warning with the
@@ -51,10 +53,10 @@ from ._common import (
     decode_image,
     make_sample,
     sample_text,
-    shard_slot,
     tokenize_text,
     validate_sample,
 )
+from ._iterable import SAMPLE_FEATURES, DeemIterableDataset
 from .collator import NO_IMAGE_NO_LOSS_SOURCES, DeemDataCollator
 from .encoding import encode_samples, encode_texts
 from .images import ImageStore
@@ -81,10 +83,12 @@ __all__ = [
     "MMC4_MAX_IMAGES",
     "MMC4_SIM_THRESHOLD",
     "NO_IMAGE_NO_LOSS_SOURCES",
+    "SAMPLE_FEATURES",
     "SKIP_REASONS",
     "BadSample",
     "DataError",
     "DeemDataCollator",
+    "DeemIterableDataset",
     "ImageStore",
     "LlavaDataset",
     "MMC4Dataset",
@@ -117,7 +121,6 @@ __all__ = [
     "rle_counts_to_string",
     "sample_text",
     "segmentation_to_mask",
-    "shard_slot",
     "tokenize_text",
     "validate_sample",
     "webdataset_key",

@@ -1,4 +1,4 @@
-"""Shared pieces of the data package: the sample contract, the bad-input policy, sharding, seeding, file access.
+"""Shared pieces of the data package: the sample contract, the bad-input policy, seeding, file access.
 
 A sample is a plain dict::
 
@@ -22,13 +22,12 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import PIL.Image
-import torch
 from transformers.utils import logging
 
 from ...modeling.prompts import IMAGE_MARKER
@@ -238,46 +237,12 @@ def load_json_file(path) -> object:
         return json.load(f)
 
 
-# ---------------------------------------------------------------- sharding and seeding
-
-
-def shard_slot(shard_by_rank: bool = True, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(slot, number of slots) of this process and DataLoader worker.
-
-    slot = rank * num_workers + worker_id, slots = world_size * num_workers. The rank comes from `rank` /
-    `world_size` when given, else from an initialised `torch.distributed` group when `shard_by_rank`, else 0 of 1.
-    """
-    if rank is None or world_size is None:
-        rank, world_size = 0, 1
-        if shard_by_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    info = torch.utils.data.get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank * workers + worker, world_size * workers
+# ---------------------------------------------------------------- seeding
 
 
 def make_rng(*keys: int) -> np.random.Generator:
     """A numpy Generator determined by non-negative integer keys (seed, epoch, shard, record, ...)."""
     return np.random.default_rng([int(k) % (1 << 63) for k in keys])
-
-
-def buffer_shuffle(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
-    """Shuffle a stream through a buffer of `size` items (size <= 1: unchanged)."""
-    if size <= 1:
-        yield from items
-        return
-    buffer = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(size))
-        buffer[j], item = item, buffer[j]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 # ---------------------------------------------------------------- token lengths

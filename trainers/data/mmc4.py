@@ -78,12 +78,13 @@ class MMC4Dataset(StreamingSource):
         self.image_before_prob = float(image_before_prob)
         self.single_image_drop_prob = float(single_image_drop_prob)
         self.name = name
+        self._init_stream()
 
     def _units(self) -> list:
         return list(self.files)
 
-    def _iter_unit(self, path, keep):
-        yield from self._lines(path, keep)
+    def _iter_unit(self, path):
+        yield from self._lines(path)
 
     @staticmethod
     def _parse(line: str) -> tuple[list[str], list[tuple[int, int, str, float]]]:

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from torch.utils.data import IterableDataset
-
 from ...modeling.prompts import IMAGE_MARKER
 from ._common import BadSample, ErrorPolicy, validate_sample
+from ._iterable import DeemIterableDataset, ExamplesWrapper
 from .encoding import encode_samples
+from .sources import MapSource, SampleList
 
 BOS_TEXT = "<s>"
 MAX_IMAGES_PER_ROW = 15  # the original's max_num_images_per_seq; the model needs < cross_attention max_num_images
@@ -260,23 +260,51 @@ def pack_samples(
     yield from packer.pack(samples)
 
 
-class PackedDataset(IterableDataset, SamplePacker):
-    """A streaming source packed into rows (the source does the sharding; packing happens per worker).
+class PackedExamples(ExamplesWrapper):
+    """The packer over a source's examples iterable (rows close where the wrapped stream ends: per worker)."""
+
+    def __init__(self, ex_iterable, packer: SamplePacker):
+        super().__init__(ex_iterable)
+        self.packer = packer
+
+    def _like(self, ex_iterable) -> PackedExamples:
+        return PackedExamples(ex_iterable, self.packer)
+
+    def __iter__(self):
+        for n, row in enumerate(self.packer.pack(example for _, example in self.ex_iterable)):
+            yield n, row
+
+
+def as_stream(source, what: str) -> DeemIterableDataset:
+    """`source` as one of this package's `datasets.IterableDataset`s: readers and views as they are, a map-style
+    reader through its `streaming()` view, a list of samples as a `SampleList` (in order)."""
+    if isinstance(source, DeemIterableDataset):
+        return source
+    if isinstance(source, MapSource):
+        return source.streaming()
+    if isinstance(source, (list, tuple)):
+        return SampleList(list(source), shuffle=False)
+    raise TypeError(
+        f"{what} needs a deem.trainers.data streaming source (a reader, a StreamingView / SampleList, a PackedDataset"
+        f" or a MixedDataset), a map-style reader, or a list of samples; got {type(source).__name__}"
+    )
+
+
+class PackedDataset(DeemIterableDataset, SamplePacker):
+    """A streaming source packed into rows, as a `datasets.IterableDataset` (the source's shards are this one's:
+    ranks and DataLoader workers split them, then each packs its own part).
 
     `skipped` / `dropped` add the packer's counters to the source's; `set_epoch` is passed on.
     """
 
     def __init__(self, source, processor, max_length: int = 2048, **kwargs):
-        IterableDataset.__init__(self)
         SamplePacker.__init__(self, processor, max_length, **kwargs)
-        self.source = source
+        self.source = as_stream(source, "PackedDataset")
+        self._init_iterable(PackedExamples(self.source._ex_iterable, self), self.source._distributed)
 
     def _children(self) -> tuple:
         return (self.source,)
 
     def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(epoch)
-
-    def __iter__(self):
-        yield from self.pack(self.source)
+        super().set_epoch(epoch)
+        self.source.set_epoch(epoch)

@@ -87,13 +87,14 @@ class PairsDataset(StreamingSource):
         self.text_drop_prob = float(text_drop_prob)
         self.lowercase = lowercase
         self.name = name
+        self._init_stream()
 
     def _units(self) -> list:
         return list(self.files)
 
-    def _iter_unit(self, path, keep):
+    def _iter_unit(self, path):
         if self.layout == "jsonl":
-            for r, line, where in self._lines(path, keep):
+            for r, line, where in self._lines(path):
                 yield r, ("jsonl", line), where
             return
         # members grouped by key through webdataset's own tar iterator and grouping (its key rule is ours)
@@ -115,7 +116,7 @@ class PairsDataset(StreamingSource):
             files = tar_file_expander([{"url": str(path), "stream": stream}], handler=stop)
             for sample in group_by_keys(files, handler=stop):
                 if pending is not None:  # a group is complete once the next one starts
-                    yield from self._emit(path, r, pending, keep)
+                    yield self._emit(path, r, pending)
                     r += 1
                 pending = sample
             if errors:  # truncated / corrupt shard: keep what was read, drop the group being read
@@ -125,14 +126,13 @@ class PairsDataset(StreamingSource):
                 self._report(BadSample("bad_record", f"{problem}: {message}"), path)
                 return
         if pending is not None:
-            yield from self._emit(path, r, pending, keep)
+            yield self._emit(path, r, pending)
 
     @staticmethod
-    def _emit(path, r, sample, keep):
-        if keep(r):
-            key = sample["__key__"]
-            files = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
-            yield r, ("tar", key, files), f"{path}:{key}"
+    def _emit(path, r, sample):
+        key = sample["__key__"]
+        files = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
+        return r, ("tar", key, files), f"{path}:{key}"
 
     def _build(self, raw, rng, where):
         if raw[0] == "jsonl":

@@ -1,19 +1,23 @@
-"""Base classes of the readers: streaming (`StreamingSource`, an `IterableDataset`) and map-style (`MapSource`).
+"""Base classes of the readers: streaming (`StreamingSource`, a `datasets.IterableDataset`) and map-style
+(`MapSource`, a torch `Dataset`).
 
-Sharding of a streaming source (each (rank, DataLoader worker) reads a disjoint subset; together they read all):
+A streaming source is datasets' own streaming dataset over the source's units (files / tar shards / index chunks):
+``n_shards`` is the number of units, and datasets does the rest.
 
-- slot = rank * num_workers + worker_id out of world_size * num_workers slots (`shard_slot`). The rank comes from
-  the initialised `torch.distributed` group (or explicit ``rank`` / ``world_size``); ``shard_by_rank=False``
-  leaves the rank split to someone else (accelerate's `IterableDatasetShard` / `dispatch_batches`, see the
-  package docstring) and only splits across workers.
-- The source's units (files / tar shards / index chunks) are put in one order that depends on (seed, epoch) only,
-  so every slot sees the same order. ``split="shard"``: slot k reads units k, k + slots, ...;
-  ``split="record"``: every slot walks all units and keeps the records whose running index is k modulo slots
-  (cheap: records it does not keep are not decoded). ``"auto"`` (default) takes "shard" when there are at least
-  as many units as slots, else "record".
+- Ranks: `datasets.distributed.split_dataset_by_node` (applied when ``rank`` / ``world_size`` are given, or, with
+  ``shard_by_rank``, from an initialised `torch.distributed` group when the source is built). ``split="shard"``
+  (datasets' "shards" strategy: each rank reads units k, k + world_size, ...; needs at least world_size units),
+  ``"record"`` ("examples": every rank walks the same stream and keeps every world_size-th sample, so each builds
+  them all), ``"auto"`` (default; datasets' "auto": "shards" when world_size divides the number of units).
+- DataLoader workers: datasets gives each worker its own units (workers beyond the number of units idle).
+- Shuffling (``shuffle=True``): `IterableDataset.shuffle(seed, buffer_size=shuffle_buffer)` (unit order from the
+  seed, then a shuffle buffer); `set_epoch(epoch)` reshuffles the units and reseeds the buffer as datasets does.
+  Every rank sees the same unit order, so the split stays disjoint and complete.
 - Random choices about a record (placement, drops, text drop) come from a generator seeded by
-  (seed, epoch, unit, record), so they do not depend on the number of ranks or workers; the order inside a slot
-  is shuffled through a buffer seeded by (seed, epoch, slot). `set_epoch(epoch)` changes all of them.
+  (seed, epoch, unit, record), so they do not depend on the number of ranks or workers.
+
+Under the HF `Trainer` the rank split is accelerate's: `DeemTrainer` hands it `without_node_split()` and accelerate
+calls `shard(num_processes, process_index)` (enough units) or reads through `IterableDatasetShard` (fewer units).
 """
 
 from __future__ import annotations
@@ -21,21 +25,16 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Iterator, Sequence
 
-from torch.utils.data import Dataset, IterableDataset
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import Dataset
 
-from ._common import (
-    BadSample,
-    DataError,
-    ErrorPolicy,
-    buffer_shuffle,
-    iter_text_lines,
-    make_rng,
-    shard_slot,
-    validate_sample,
-)
+from ._common import BadSample, DataError, ErrorPolicy, iter_text_lines, make_rng, validate_sample
+from ._iterable import BuiltExamples, DeemIterableDataset, SourceExamples
 from .encoding import encode_samples
 
-SPLITS = ("auto", "shard", "record")
+SPLITS = {"auto": "auto", "shard": "shards", "record": "examples"}  # ours -> datasets' strategy
 
 
 class _Checks(ErrorPolicy):
@@ -66,13 +65,15 @@ class _Checks(ErrorPolicy):
             return None
 
 
-class StreamingSource(IterableDataset, _Checks):
-    """Streaming reader base. Subclasses define `_units()`, `_iter_unit(unit, keep)` and `_build(raw, rng, where)`.
+class StreamingSource(DeemIterableDataset, _Checks):
+    """Streaming reader base (a `datasets.IterableDataset`). Subclasses define `_units()`, `_iter_unit(unit)` and
+    `_build(raw, rng, where)`, and call `_init_stream()` at the end of their ``__init__``.
 
     Args (shared by every streaming reader):
-        seed / shuffle / shuffle_buffer: unit order and in-slot buffer shuffle (deterministic given seed, epoch).
+        seed / shuffle / shuffle_buffer: `IterableDataset.shuffle(seed, buffer_size)` when shuffling.
         split: "auto", "shard" or "record" (see the module docstring).
-        shard_by_rank: split across `torch.distributed` ranks too (default True); rank / world_size: explicit.
+        shard_by_rank: split across an initialised `torch.distributed` group (default True); rank / world_size:
+            explicit (both or neither).
         on_error: "skip" (count in `skipped`, warn) or "raise" (`DataError`).
         max_images: samples with more images are bad input ("too_many_images").
         processor / max_length: when both are given, samples longer than max_length tokens are bad ("too_long").
@@ -93,82 +94,83 @@ class StreamingSource(IterableDataset, _Checks):
         processor=None,
         max_length: int | None = None,
     ):
-        super().__init__()
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         self._init_checks(on_error, max_images, processor, max_length)
-        self.seed, self.shuffle, self.shuffle_buffer, self.split = int(seed), shuffle, int(shuffle_buffer), split
+        # not .shuffle / .split: those are datasets' (the method, the split name)
+        self.seed, self.shuffling, self.shuffle_buffer, self.split_mode = int(seed), shuffle, int(shuffle_buffer), split
         self.shard_by_rank, self.rank, self.world_size = shard_by_rank, rank, world_size
-        self.epoch = 0
+        self._node = node_of(shard_by_rank, rank, world_size)
+        self._record_epoch = [0]  # the epoch of the per-record draws, shared with derived copies (shard, ...)
+
+    def _init_stream(self) -> None:
+        """Build the datasets side: units -> `SourceExamples` (raw records) -> `shuffle` -> `BuiltExamples`
+        (samples), split by `split_dataset_by_node`."""
+        units = list(enumerate(self._units()))
+        examples = SourceExamples(self, {"shards": units, "pass_index": 0}, shuffle=self.shuffling)
+        stream = datasets.IterableDataset(examples)
+        if self.shuffling:
+            stream = stream.shuffle(seed=self.seed, buffer_size=max(self.shuffle_buffer, 1), max_buffer_input_shards=1)
+        rank, world_size = self._node
+        if world_size > 1:
+            stream = split_dataset_by_node(stream, rank, world_size, strategy=SPLITS[self.split_mode])
+        self._init_iterable(BuiltExamples(stream._ex_iterable, self), stream._distributed)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """datasets' `set_epoch` (unit order, shuffle buffer) and the epoch of the per-record draws."""
+        super().set_epoch(int(epoch))
+        self._record_epoch[0] = int(epoch)
 
     # -- subclass interface
     def _units(self) -> list:
         raise NotImplementedError
 
-    def _iter_unit(self, unit, keep) -> Iterator[tuple[int, object, str]]:
-        """Yield (record index in unit, raw record, where) for the records with ``keep(record index)`` true.
-        `keep` must be called once per record, in order (it may count records across units)."""
+    def _iter_unit(self, unit) -> Iterator[tuple[int, object, str]]:
+        """Yield (record index in unit, raw record, where) for every record of `unit`."""
         raise NotImplementedError
 
     def _build(self, raw, rng, where: str) -> dict | None:
         raise NotImplementedError
 
-    def _record_rng(self, unit_index: int, record_index: int, raw):
-        return make_rng(self.seed, self.epoch, 2, unit_index, record_index)
+    def _record_rng(self, unit_index: int, record_index: int, raw, epoch: int):
+        return make_rng(self.seed, epoch, 2, unit_index, record_index)
 
-    def _lines(self, path: str, keep) -> Iterator[tuple[int, str, str]]:
-        """`_iter_unit` for text files: (record index, line, "path:line") of the kept non-empty lines. An unreadable
+    def _lines(self, path: str) -> Iterator[tuple[int, str, str]]:
+        """`_iter_unit` for text files: (record index, line, "path:line") of the non-empty lines. An unreadable
         file (corrupt zip / gzip, bad encoding) ends its unit with a "bad_record" report."""
         r, line_no = 0, 0
         try:
             for line_no, line in enumerate(iter_text_lines(path), 1):
                 if line.strip():
-                    if keep(r):
-                        yield r, line, f"{path}:{line_no}"
+                    yield r, line, f"{path}:{line_no}"
                     r += 1
         except (OSError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as err:
             self._report(BadSample("bad_record", f"cannot read past line {line_no}: {err}"), path)
 
-    # -- iteration
-    def _split_mode(self, n_units: int, slots: int) -> str:
-        if self.split != "auto":
-            return self.split
-        return "shard" if n_units >= slots else "record"
+    # -- what datasets runs: the raw records of a group of units, then (after the shuffle buffer) the samples
+    def _generate(self, shards: list, pass_index: int = 0) -> Iterator[tuple[str, dict]]:
+        epoch = self._record_epoch[0] + pass_index
+        for u, unit in shards:
+            for r, raw, where in self._iter_unit(unit):
+                yield f"{u}:{r}", {"unit": u, "record": r, "raw": raw, "where": where, "epoch": epoch}
 
-    def _raw_stream(self, slot: int, slots: int) -> Iterator[tuple]:
-        units = list(enumerate(self._units()))
-        if self.shuffle:
-            order = make_rng(self.seed, self.epoch, 0).permutation(len(units))
-            units = [units[i] for i in order]
-        if self._split_mode(len(units), slots) == "shard":
-            for u, unit in units[slot::slots]:
-                for r, raw, where in self._iter_unit(unit, lambda r: True):
-                    yield u, r, raw, where
-            return
-        running = [0]
+    def _build_record(self, item: dict) -> dict | None:
+        rng = self._record_rng(item["unit"], item["record"], item["raw"], item["epoch"])
+        return self._checked(lambda: self._build(item["raw"], rng, item["where"]), item["where"])
 
-        def keep(_r: int) -> bool:
-            mine = running[0] % slots == slot
-            running[0] += 1
-            return mine
 
-        for u, unit in units:
-            for r, raw, where in self._iter_unit(unit, keep):
-                yield u, r, raw, where
-
-    def __iter__(self) -> Iterator[dict]:
-        slot, slots = shard_slot(self.shard_by_rank, self.rank, self.world_size)
-        stream = self._raw_stream(slot, slots)
-        if self.shuffle and self.shuffle_buffer > 1:
-            stream = buffer_shuffle(stream, self.shuffle_buffer, make_rng(self.seed, self.epoch, 1, slot))
-        for u, r, raw, where in stream:
-            rng = self._record_rng(u, r, raw)
-            sample = self._checked(lambda: self._build(raw, rng, where), where)
-            if sample is not None:
-                yield sample
+def node_of(shard_by_rank: bool = True, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size) to split by: explicit, else an initialised `torch.distributed` group's (when
+    `shard_by_rank`), else (0, 1)."""
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size or neither, got rank={rank!r}, world_size={world_size!r}")
+    if rank is None:
+        rank, world_size = 0, 1
+        if shard_by_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    return int(rank), int(world_size)
 
 
 class MapSource(Dataset, _Checks):
@@ -233,8 +235,11 @@ class StreamingView(StreamingSource):
         seed = kwargs.pop("seed", getattr(dataset, "seed", 0))
         on_error = kwargs.pop("on_error", getattr(dataset, "on_error", "skip"))
         super().__init__(seed=seed, on_error=on_error, **kwargs)
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.dataset = dataset
         self.chunk_size = int(chunk_size)
+        self._init_stream()
 
     def _children(self) -> tuple:
         return (self.dataset,) if isinstance(self.dataset, ErrorPolicy) else ()
@@ -248,28 +253,18 @@ class StreamingView(StreamingSource):
         n = len(self.dataset)
         return [range(a, min(a + self.chunk_size, n)) for a in range(0, n, self.chunk_size)]
 
-    def _iter_unit(self, unit, keep):
+    def _iter_unit(self, unit):
         for r, i in enumerate(unit):
-            if keep(r):
-                where = self.dataset._where(i) if isinstance(self.dataset, MapSource) else f"item {i}"
-                yield r, i, where
+            where = self.dataset._where(i) if isinstance(self.dataset, MapSource) else f"item {i}"
+            yield r, i, where
 
-    def _record_rng(self, unit_index, record_index, raw):
-        return make_rng(self.seed, self.epoch, 2, 0, raw)
+    def _record_rng(self, unit_index, record_index, raw, epoch):
+        return make_rng(self.seed, epoch, 2, 0, raw)
 
-    def __iter__(self):
-        if not isinstance(self.dataset, MapSource):
-            yield from super().__iter__()
-            return
-        inner = self.dataset
-        slot, slots = shard_slot(self.shard_by_rank, self.rank, self.world_size)
-        stream = self._raw_stream(slot, slots)
-        if self.shuffle and self.shuffle_buffer > 1:
-            stream = buffer_shuffle(stream, self.shuffle_buffer, make_rng(self.seed, self.epoch, 1, slot))
-        for _, _, i, _ in stream:
-            sample = inner.get(i)
-            if sample is not None:
-                yield sample
+    def _build_record(self, item: dict) -> dict | None:
+        if isinstance(self.dataset, MapSource):  # built (and checked) with the map-style source's seed and epoch
+            return self.dataset.get(item["raw"])
+        return super()._build_record(item)
 
     def _build(self, raw, rng, where):
         sample = self.dataset[raw]
