@@ -387,8 +387,24 @@ def _version() -> str:
         return "(not installed)"
 
 
+_TOP_LEVEL_OPTIONS = ("-h", "--help", "--version", "--debug")
+
+
+def _default_command(argv: list[str]) -> list[str]:
+    """`deem --out DIR --quick` (options but no command) means `deem world --out DIR --quick`: the main command
+    takes its own options without being named; a first word that is not a command is left for argparse to name."""
+    for i, token in enumerate(argv):
+        if token in _TOP_LEVEL_OPTIONS:
+            continue
+        if token.startswith("-") and token not in COMMANDS:
+            return [*argv[:i], "world", *argv[i:]]
+        return argv
+    return argv
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
+    argv = _default_command(argv)
     args, extra = parser.parse_known_args(argv)
     if args.command is None and not extra:  # plain `deem` (or `deem --debug`) is the main command: the world
         args, extra = parser.parse_known_args([*argv, "world"])

@@ -148,6 +148,24 @@ def test_unexpected_errors_are_one_line_naming_their_type(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("deem world: error: RuntimeError: the kernel said no")
 
 
+def test_main_command_options_without_the_command_name(monkeypatch, capsys):
+    """`python -m deem --out DIR --quick --seed 3` is `deem world --out DIR --quick --seed 3` (the issue's main command
+    takes its options bare); a first word that is no command is still named as one."""
+    import deem.cli
+
+    seen = []
+    monkeypatch.setitem(deem.cli.COMMANDS, "world", lambda args: seen.append(args))
+    assert main(["--out", "some/dir", "--quick", "--seed", "3"]) == 0
+    assert seen[-1].command == "world" and str(seen[-1].out) == "some/dir" and seen[-1].quick and seen[-1].seed == 3
+    assert main(["--debug", "--quick"]) == 0 and seen[-1].command == "world" and seen[-1].debug
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--bogus"])
+    assert exit_info.value.code == 2 and "deem world: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["nonsense", "--quick"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
 def test_public_names_load_lazily_and_keep_the_card_hook():
     import deem
     from deem.hub import write_model_card

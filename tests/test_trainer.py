@@ -118,7 +118,7 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
         "soi_embedding": (1e-4, 0.0, "default"),
         "null_condition": (1e-4, 0.0, "default"),
         "unet_side.mid_block.attn.value_proj.weight": (1e-4, 0.05, "default"),
-        "lm_head.new_tokens.weight": (1e-4, 0.05, "default"),
+        "lm_head.new_tokens.weight": (1e-4, 0.05, "new_tokens"),  # the original's head_new: its default rate
     }
     for name, (lr, wd, group) in expect1.items():
         g = g1[id(named[name])]
@@ -132,6 +132,12 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
     ):
         assert id(named[name]) not in g1, name
     assert build_param_groups(model, _args(tmp_path, 1))[0]["name"] == "default"  # the logged learning rate
+    # the added tokens' output rows can get their own rate (the built-in world's stage 1 does)
+    args = _args(tmp_path, 1, learning_rate=None, param_group_lr={"new_tokens": 5e-2})
+    own = _group_by_param(build_param_groups(model, args))
+    assert own[id(named["lm_head.new_tokens.weight"])]["lr"] == pytest.approx(5e-2)
+    assert own[id(named["lm_head.new_tokens.bias"])]["lr"] == pytest.approx(5e-2)
+    assert own[id(named["soi_embedding"])]["lr"] == pytest.approx(1e-4)
 
     model.set_training_stage(2)
     g2 = _group_by_param(build_param_groups(model, _args(tmp_path, 2, learning_rate=None)))

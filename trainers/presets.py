@@ -42,6 +42,8 @@ OPTIMIZER_GROUP_PATTERNS = (
     ("unet", r"(?:^|\.)unet\."),
     ("image_encoder_trunk", r"(?:^|\.)image_encoder\.backbone\.trunk\."),
     ("llm", r"(?:^|\.)language_model\."),
+    # the output rows of the added tokens (<|startofimage|>, ...; the original's head_new, in its default group)
+    ("new_tokens", r"(?:^|\.)lm_head\.new_tokens\."),
 )
 OPTIMIZER_GROUPS = ("default",) + tuple(name for name, _ in OPTIMIZER_GROUP_PATTERNS)
 
@@ -49,7 +51,8 @@ OPTIMIZER_GROUPS = ("default",) + tuple(name for name, _ in OPTIMIZER_GROUP_PATT
 #: ``learning_rate`` these are exactly §4.6 / Table 12: stage 1 (1e-4): gates 1e-4, sampling offsets 1e-5,
 #: cross-attention 1e-4, UNet 1e-5, ConvNeXt trunk 2e-5; stages 2-3 (1e-5): the LLM 1e-6 (the paper's value; the
 #: original's ``mmdecoder`` pattern matched nothing, bug B2), gates / offsets / cross-attention / trunk 5e-6,
-#: UNet 1e-5. LoRA adapters train at ``learning_rate``.
+#: UNet 1e-5. LoRA adapters and the added tokens' output rows (``new_tokens``, the original's ``head_new`` in its
+#: default group) train at ``learning_rate``.
 STAGE_LR_SCALE = {
     1: {
         "default": 1.0,
@@ -60,6 +63,7 @@ STAGE_LR_SCALE = {
         "unet": 0.1,
         "image_encoder_trunk": 0.2,
         "llm": 1.0,
+        "new_tokens": 1.0,
     },
     2: {
         "default": 1.0,
@@ -70,6 +74,7 @@ STAGE_LR_SCALE = {
         "unet": 1.0,
         "image_encoder_trunk": 0.5,
         "llm": 0.1,
+        "new_tokens": 1.0,
     },
 }
 STAGE_LR_SCALE[3] = dict(STAGE_LR_SCALE[2])

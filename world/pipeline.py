@@ -44,7 +44,7 @@ class WorldRun:
     seed: int = 0
     device: str = "cpu"
     pretrain: bool = False
-    stage1_steps: int = 100
+    stage1_steps: int = 300
     stage2_steps: int = 200
     stage3_steps: int = 30
     batch_size: int = 4
