@@ -51,7 +51,7 @@ class WorldRun:
     num_image_tokens: int = 8
     image_embed_dim: int = 64
     draw_steps: int = 20
-    open_gates: float = 0.5
+    open_gates: float = 0.0  # the original's init (§2.11); > 0 opens the cross-attention gates after assembly
     ablation_seeds: tuple = (0, 1, 2)
     ablation_stage1_steps: int = 100
     ablation_stage2_steps: int = 100
@@ -157,13 +157,14 @@ class Pipeline:
             config_overrides=_overrides(self.run),
             seed=self.run.seed,
         )
-        # The world's one change to the original's init (documented in the report): the cross-attention gates start
-        # at `open_gates` instead of 0, so the tiny LLM reads the image maps from the first step (with zero gates and
-        # a few hundred CPU steps it learns the answers' prior and never looks; a 7B LLM has far more steps).
-        with torch.no_grad():
-            for layer in model.language_model.layers:
-                if layer.cross_attn is not None:
-                    layer.cross_attn.gate.fill_(self.run.open_gates)
+        # The original's gates start at 0 (kept by default). Measured on the default run: with the gates opened to 0.5
+        # after assembly the image maps flood the tiny LLM's residual stream (caption CIDEr 1.47 instead of 1.74;
+        # a text-only comparison that DEEM learns in 200 steps without an image is not learned in 700 with one).
+        if self.run.open_gates:
+            with torch.no_grad():
+                for layer in model.language_model.layers:
+                    if layer.cross_attn is not None:
+                        layer.cross_attn.gate.fill_(self.run.open_gates)
         with staged_output_dir(folder, overwrite=True) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
