@@ -390,13 +390,14 @@ def _version() -> str:
 _TOP_LEVEL_OPTIONS = ("-h", "--help", "--version", "--debug")
 
 
-def _default_command(argv: list[str]) -> list[str]:
-    """`deem --out DIR --quick` (options but no command) means `deem world --out DIR --quick`: the main command
-    takes its own options without being named; a first word that is not a command is left for argparse to name."""
+def _default_command(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`deem --out DIR --quick` (the main command's own options, no command named) means `deem world --out DIR
+    --quick`; any other first word (a command, an unknown option or word) is left for argparse to name."""
+    world = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["world"]
     for i, token in enumerate(argv):
         if token in _TOP_LEVEL_OPTIONS:
             continue
-        if token.startswith("-") and token not in COMMANDS:
+        if token.split("=", 1)[0] in world._option_string_actions and token not in _TOP_LEVEL_OPTIONS:
             return [*argv[:i], "world", *argv[i:]]
         return argv
     return argv
@@ -404,7 +405,7 @@ def _default_command(argv: list[str]) -> list[str]:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
-    argv = _default_command(argv)
+    argv = _default_command(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if args.command is None and not extra:  # plain `deem` (or `deem --debug`) is the main command: the world
         args, extra = parser.parse_known_args([*argv, "world"])

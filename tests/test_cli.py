@@ -158,9 +158,13 @@ def test_main_command_options_without_the_command_name(monkeypatch, capsys):
     assert main(["--out", "some/dir", "--quick", "--seed", "3"]) == 0
     assert seen[-1].command == "world" and str(seen[-1].out) == "some/dir" and seen[-1].quick and seen[-1].seed == 3
     assert main(["--debug", "--quick"]) == 0 and seen[-1].command == "world" and seen[-1].debug
+    assert main(["--out=other", "--device", "cpu"]) == 0 and str(seen[-1].out) == "other"
     with pytest.raises(SystemExit) as exit_info:
         main(["--quick", "--bogus"])
     assert exit_info.value.code == 2 and "deem world: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # an option the main command does not have is the top level's error
+        main(["--colour"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("deem: error: unrecognized arguments")
     with pytest.raises(SystemExit) as exit_info:
         main(["nonsense", "--quick"])
     assert exit_info.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
