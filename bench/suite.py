@@ -17,7 +17,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -692,21 +691,10 @@ def to_markdown(result: dict) -> str:
 
 def write_reports(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """``bench.json`` and ``bench.md`` in ``out_dir``, each written to a temporary file and renamed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in (("bench.json", json.dumps(result, indent=2) + "\n"), ("bench.md", to_markdown(result))):
-        target = out_dir / name
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        paths.append(target)
-    return paths[0], paths[1]
+    from deem.evaluation.formats import atomic_write
+
+    json_path = atomic_write(out_dir / "bench.json", (json.dumps(result, indent=2) + "\n").encode("utf-8"))
+    return json_path, atomic_write(out_dir / "bench.md", to_markdown(result).encode("utf-8"))
 
 
 def _memory_child_main(argv: list[str]) -> int:

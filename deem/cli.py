@@ -397,7 +397,7 @@ def _default_command(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
     for i, token in enumerate(argv):
         if token in _TOP_LEVEL_OPTIONS:
             continue
-        if token.split("=", 1)[0] in world._option_string_actions and token not in _TOP_LEVEL_OPTIONS:
+        if token.split("=", 1)[0] in world._option_string_actions:
             return [*argv[:i], "world", *argv[i:]]
         return argv
     return argv

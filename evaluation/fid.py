@@ -72,7 +72,7 @@ def run_fid_generation(model, processor, shard, appender, out: Path, batch_size,
     import torch
     from torchvision.transforms.functional import to_pil_image
 
-    from .formats import _atomic_write
+    from .formats import atomic_write
 
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def run_fid_generation(model, processor, shard, appender, out: Path, batch_size,
                 record["clip_scores"] = scores
             buf = io.BytesIO()
             candidates[pick].save(buf, format="PNG")
-            _atomic_write(folder / f"{s['id']}.png", buf.getvalue())
+            atomic_write(folder / f"{s['id']}.png", buf.getvalue())
             records.append(record)
         appender.write(records)
         progress.update(len(batch))

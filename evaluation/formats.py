@@ -40,7 +40,7 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def _atomic_write(path, data: bytes) -> Path:
+def atomic_write(path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -55,7 +55,7 @@ def _atomic_write(path, data: bytes) -> Path:
 
 
 def _write_json(obj, path) -> Path:
-    return _atomic_write(path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+    return atomic_write(path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
 
 
 def _need(record, keys, what: str, i: int) -> None:
@@ -72,7 +72,7 @@ def write_pope(records, path) -> Path:
     for i, r in enumerate(records):
         _need(r, ("question_id", "image", "text", "label"), "POPE", i)
         lines.append(json.dumps({k: r[k] for k in ("question_id", "image", "text", "label")}, ensure_ascii=False))
-    return _atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def write_robustvqa(splits: dict, path) -> Path:
@@ -99,7 +99,7 @@ def write_mmvp(records, path) -> Path:
         _need(r, ("index", "question", "options", "answer"), "MMVP", i)
         a, b = r["options"]
         writer.writerow([r["index"], r["question"], f"(a) {a} (b) {b}", f"({r['answer']})"])
-    return _atomic_write(path, buf.getvalue().encode("utf-8"))
+    return atomic_write(path, buf.getvalue().encode("utf-8"))
 
 
 def write_vqa(records, folder, task: str = "vqav2", data_subtype: str = "val2014") -> tuple[Path, Path]:
@@ -248,7 +248,7 @@ def write_refcoco(records, folder, dataset: str = "refcocog") -> Path:
         "categories": [{"id": 1, "name": "object", "supercategory": "object"}],
     }
     _write_json(instances, folder / "instances.json")
-    return _atomic_write(folder / f"refs({REFER_SPLIT_BY[dataset]}).p", pickle.dumps(refs, protocol=2))
+    return atomic_write(folder / f"refs({REFER_SPLIT_BY[dataset]}).p", pickle.dumps(refs, protocol=2))
 
 
 # ------------------------------------------------------------------------------------------------------ reading

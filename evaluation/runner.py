@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .formats import DataError, _atomic_write
+from .formats import DataError, atomic_write
 from .tasks import GENERATION_OPTIONS, Task, get_task, load_samples
 
 logger = logging.get_logger(__name__)
@@ -191,7 +191,7 @@ def _prepare_out(out: Path, fingerprint: dict, rank0: bool) -> None:
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
         if not run_file.is_file():
-            _atomic_write(run_file, json.dumps(fingerprint, indent=1).encode("utf-8"))
+            atomic_write(run_file, json.dumps(fingerprint, indent=1).encode("utf-8"))
 
 
 def _read_predictions(path: Path) -> dict:
@@ -408,7 +408,7 @@ def _merge(out: Path, samples: list[dict], world: int) -> dict:
     ordered = [records[s["id"]] for s in samples if s["id"] in records]
     extra = [r for k, r in records.items() if k not in {s["id"] for s in samples}]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered + extra)
-    _atomic_write(out / PREDICTIONS, text.encode("utf-8"))
+    atomic_write(out / PREDICTIONS, text.encode("utf-8"))
     for part in parts:
         part.unlink()
     return records
@@ -545,8 +545,8 @@ def evaluate(
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
             if scratch is None:
-                _atomic_write(out / "results.json", json.dumps(results, indent=1).encode("utf-8"))
-                _atomic_write(out / "results.md", format_results_table(results).encode("utf-8"))
+                atomic_write(out / "results.json", json.dumps(results, indent=1).encode("utf-8"))
+                atomic_write(out / "results.md", format_results_table(results).encode("utf-8"))
         if state is not None:
             state.wait_for_everyone()
             if results is None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizer_utils import build_test_tokenizer
 
 from deem.world.components import MODEL_INDEX, SCHEDULER
+from deem.world.components import UNET as WORLD_UNET
 from deem.world.components import write_clip_tokenizer as world_clip_tokenizer
 
 SD_TEXT_LEN = 16  # the tiny SD tokenizer's model_max_length (77 for the real one)
@@ -40,24 +41,9 @@ ASSEMBLE_KW = dict(image_size=64, num_image_tokens=4, image_embed_dim=32, config
 
 UNET = {
     "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": [2, 4],
+    **WORLD_UNET,
     "block_out_channels": [16, 32],
-    "center_input_sample": False,
     "cross_attention_dim": CROSS_DIM,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 1,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 8,
-    "out_channels": 4,
-    "sample_size": 8,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
 }
 VAE = {
     "act_fn": "silu",

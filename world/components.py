@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from deem.modeling.configuration_deem import SD21_BASE_SCHEDULER
+
 from . import scenes as S
 from .formats import world_text
 
@@ -168,16 +170,8 @@ VAE = {
 SCHEDULER = {  # SD 2.1-base's scheduler/scheduler_config.json
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.8.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
+    **SD21_BASE_SCHEDULER,
     "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
 }
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",

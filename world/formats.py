@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deem.evaluation.formats import atomic_write
+
 from . import scenes as S
 
 SPLITS = ("random", "popular", "adversarial")
@@ -73,19 +75,12 @@ class WorldSizes:
         )
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_json(path: Path, value) -> None:
-    _atomic_bytes(path, json.dumps(value, indent=None).encode())
+    atomic_write(path, json.dumps(value, indent=None).encode())
 
 
 def _atomic_lines(path: Path, rows) -> None:
-    _atomic_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def _png(image) -> bytes:
@@ -102,7 +97,7 @@ class _Writer:
 
     def image(self, folder: Path, name: str, scene: S.Scene, style: str = "plain", seed: int = 0) -> str:
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(folder / name, _png(S.render(scene, self.sizes.image_size, style, seed)))
+        atomic_write(folder / name, _png(S.render(scene, self.sizes.image_size, style, seed)))
         self.graphs.append({"file": str((folder / name).relative_to(self.root)), "style": style, **scene.to_dict()})
         return name
 
