@@ -233,10 +233,9 @@ class DeemImageDecoder(nn.Module):
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         return mean, std
 
-    def denoising_loss(
-        self, posterior, condition, side_features, side_mask, draws: DiffusionDraws, timestep_map, generator
-    ):
-        """Per-element epsilon MSE [N,4,h,w] (fp32) of the UNet + side network on noised latents (§2.9)."""
+    def noised_latents(self, posterior, draws: DiffusionDraws, timestep_map, generator):
+        """(noisy latents, timesteps, noise) of one branch: a posterior sample, scaled, noised at (remapped) draws;
+        the random draws in the order eps, noise, timesteps."""
         mean, std = posterior
         n = mean.shape[0]
         sched = self.noise_scheduler
@@ -256,18 +255,50 @@ class DeemImageDecoder(nn.Module):
         if t is None:
             t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=generator, device=latents.device)
         t = timestep_map(t.to(latents.device)).long()
-        noisy = sched.add_noise(latents, noise, t)
-        unet_dtype = self.unet.dtype
-        pred = unet_forward_with_side(
-            self.unet,
-            self.unet_side,
-            noisy.to(unet_dtype),
-            t,
-            condition.to(unet_dtype),
-            side_features=[f.to(unet_dtype) for f in side_features],
-            side_mask=side_mask,
+        return sched.add_noise(latents, noise, t), t, noise
+
+    def denoise(self, branches):
+        """Per-element epsilon MSE [N,4,h,w] (fp32) of each branch, all branches in one UNet + side-network call.
+
+        ``branches``: (noisy, t, noise, condition, side_features, side_mask) tuples; their images are concatenated
+        (one pass over the UNet's and the side network's layers instead of one per branch) when their condition
+        and side-feature shapes agree, else each branch runs alone."""
+        fits = len(branches) > 1 and all(
+            b[3].shape[1:] == branches[0][3].shape[1:]
+            and len(b[4]) == len(branches[0][4])
+            and all(f.shape[1:] == g.shape[1:] for f, g in zip(b[4], branches[0][4]))
+            and b[5].shape[1:] == branches[0][5].shape[1:]
+            for b in branches
         )
-        return (pred.float() - noise.float()) ** 2
+        groups = [branches] if fits else [[b] for b in branches]
+        unet_dtype = self.unet.dtype
+        maps = []
+        for group in groups:
+            cat = lambda i: torch.cat([b[i] for b in group]) if len(group) > 1 else group[0][i]  # noqa: E731
+            side = [
+                torch.cat([b[4][k] for b in group]) if len(group) > 1 else group[0][4][k]
+                for k in range(len(group[0][4]))
+            ]
+            pred = unet_forward_with_side(
+                self.unet,
+                self.unet_side,
+                cat(0).to(unet_dtype),
+                cat(1),
+                cat(3).to(unet_dtype),
+                side_features=[f.to(unet_dtype) for f in side],
+                side_mask=cat(5),
+            )
+            sizes = [b[0].shape[0] for b in group]
+            for part, b in zip(pred.split(sizes), group):
+                maps.append((part.float() - b[2].float()) ** 2)
+        return maps
+
+    def denoising_loss(
+        self, posterior, condition, side_features, side_mask, draws: DiffusionDraws, timestep_map, generator
+    ):
+        """Per-element epsilon MSE [N,4,h,w] (fp32) of the UNet + side network on noised latents (§2.9)."""
+        noisy, t, noise = self.noised_latents(posterior, draws, timestep_map, generator)
+        return self.denoise([(noisy, t, noise, condition, side_features, side_mask)])[0]
 
     def csr_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """CSR timestep remap ``round((t - T/2) * scale + T/2)`` (T=1000, scale 0.6: [0,1000) -> [200,799])."""
@@ -275,6 +306,22 @@ class DeemImageDecoder(nn.Module):
         return torch.round((t.double() - half) * self.config.csr_timestep_scale + half).long()
 
     # ------------------------------------------------------------------ the two losses
+
+    def csr_branch(self, condition, region_features, posterior, draws: DiffusionDraws, generator, timestep_map=None):
+        """The CSR branch's denoising inputs (see ``denoise``): every image, its own side maps (mask 1)."""
+        n = condition.shape[0]
+        side = [f[:, None] for f in region_features]
+        side_mask = torch.ones(n, 1, device=condition.device, dtype=condition.dtype)
+        noisy, t, noise = self.noised_latents(posterior, draws, timestep_map or self.csr_timesteps, generator)
+        return noisy, t, noise, condition, side, side_mask
+
+    @staticmethod
+    def csr_reduce(loss_map, latent_mask, per_image: bool = False):
+        """CSR loss from its [N,4,h,w] map: the mean (inside each image's region with ``latent_mask``), or [N]."""
+        if latent_mask is not None:
+            m = latent_mask.to(loss_map.dtype)
+            loss_map = loss_map * m * (m[0].numel() / (m.sum(dim=(1, 2, 3), keepdim=True) + 1e-8))
+        return loss_map.flatten(1).mean(1) if per_image else loss_map.mean()
 
     def loss_csr(
         self,
@@ -292,27 +339,19 @@ class DeemImageDecoder(nn.Module):
         ``condition`` [N,Q,C] (the encoder's ``diffusion_condition``), ``region_features`` its 4 side maps
         [N,E,h,w], ``latent_mask`` [N,1,h,w] or ``None`` (mean inside each image's region). Returns the mean, or
         [N] with ``per_image``."""
-        n = condition.shape[0]
-        side = [f[:, None] for f in region_features]
-        side_mask = torch.ones(n, 1, device=condition.device, dtype=condition.dtype)
-        loss_map = self.denoising_loss(
-            posterior, condition, side, side_mask, draws, timestep_map or self.csr_timesteps, generator
-        )
-        if latent_mask is not None:
-            m = latent_mask.to(loss_map.dtype)
-            loss_map = loss_map * m * (m[0].numel() / (m.sum(dim=(1, 2, 3), keepdim=True) + 1e-8))
-        return loss_map.flatten(1).mean(1) if per_image else loss_map.mean()
+        branch = self.csr_branch(condition, region_features, posterior, draws, generator, timestep_map)
+        return self.csr_reduce(self.denoise([branch])[0], latent_mask, per_image)
 
-    def loss_nip(
+    def nip_branch(
         self, hidden, multiscale_features, image_rows, soi_pos, starts, posterior, draws: DiffusionDraws, generator
     ):
-        """Next-image prediction (§4.2): images whose context is longer than ``<s><soi>`` are denoised from the
-        decoder perceiver's reading of the LLM context; mean over all images' elements as the original."""
+        """The NIP branch's denoising inputs (see ``denoise``), or ``None`` when no image has a context longer than
+        ``<s><soi>`` (those get no UNet pass)."""
         n = soi_pos.shape[0]
         lengths = soi_pos - starts + 1
         keep = lengths > 2
         if not bool(keep.any()):
-            return hidden.new_zeros((), dtype=torch.float32)
+            return None
         sel = keep.nonzero().squeeze(1)
         null = draws.null_condition
         if null is None:
@@ -322,10 +361,23 @@ class DeemImageDecoder(nn.Module):
         side, side_mask = self.previous_image_features(multiscale_features, image_rows, soi_pos, starts)
         side = [f[sel] for f in side]
         posterior = tuple(p[sel.to(p.device)] for p in posterior)
-        loss_map = self.denoising_loss(
-            posterior, condition, side, side_mask[sel], draws.select(sel), lambda t: t, generator
-        )
+        noisy, t, noise = self.noised_latents(posterior, draws.select(sel), lambda t: t, generator)
+        return noisy, t, noise, condition, side, side_mask[sel]
+
+    @staticmethod
+    def nip_reduce(loss_map, n: int):
+        """NIP loss from the map of the images that ran: the sum over the mean of all ``n`` images' elements."""
         return loss_map.sum() / (n * loss_map[0].numel())
+
+    def loss_nip(
+        self, hidden, multiscale_features, image_rows, soi_pos, starts, posterior, draws: DiffusionDraws, generator
+    ):
+        """Next-image prediction (§4.2): images whose context is longer than ``<s><soi>`` are denoised from the
+        decoder perceiver's reading of the LLM context; mean over all images' elements as the original."""
+        branch = self.nip_branch(hidden, multiscale_features, image_rows, soi_pos, starts, posterior, draws, generator)
+        if branch is None:
+            return hidden.new_zeros((), dtype=torch.float32)
+        return self.nip_reduce(self.denoise([branch])[0], soi_pos.shape[0])
 
     @staticmethod
     def previous_image_features(maps, image_rows, soi_pos, starts):

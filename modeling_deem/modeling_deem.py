@@ -18,6 +18,7 @@ to ``reference/original-deem.md``.
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import re
 
 import torch
@@ -314,8 +315,9 @@ class DeemTextHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden_states)
-        cut = self.original_vocab_size
-        return torch.cat([logits[..., :cut], logits[..., cut:] + self.new_tokens(hidden_states)], dim=-1)
+        # in place on the new rows (the linear's backward does not read its output): no copy of the whole logits
+        logits[..., self.original_vocab_size :] += self.new_tokens(hidden_states)
+        return logits
 
 
 def check_decoder_views(config: DeemConfig, pixel_values, pixel_values_decoder):
@@ -413,6 +415,14 @@ class DeemPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _tied_weights_keys = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # generate() reads forward's parameters through inspect.signature several times per call and, for remote code
+        # (this model's usual form), once per decoding step; a signature stored on the function is not re-parsed
+        forward = cls.__dict__.get("forward")
+        if inspect.isfunction(forward):
+            forward.__signature__ = inspect.signature(forward)
 
     @classmethod
     def from_pretrained(cls, *args, strict: bool = False, **kwargs):
@@ -1036,17 +1046,18 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
             enc = outputs.image_encoder_output
             decoder = self.image_decoder
             posterior = decoder.encode_latents(pixel_values_decoder)
+            csr = nip = None  # the branches' denoising inputs, drawn in this order (CSR, then NIP)
             if w_csr > 0:
                 condition = self.model.image_encoder.diffusion_condition(enc.perceiver_output)
-                loss_csr = decoder.loss_csr(
-                    condition, enc.region_features, enc.latent_mask, posterior, csr_draws or DiffusionDraws(), generator
+                csr = decoder.csr_branch(
+                    condition, enc.region_features, posterior, csr_draws or DiffusionDraws(), generator
                 )
             if w_nip > 0:
                 runs = _image_runs(input_ids, cfg.image_token_id)
                 image_rows, soi_pos, starts = _image_context_spans(
                     runs, input_ids, attention_mask, cfg.bos_token_id, getattr(cfg, "nip_context_start", "nearest_bos")
                 )
-                loss_nip = decoder.loss_nip(
+                nip = decoder.nip_branch(
                     hidden,
                     enc.multiscale_features,
                     image_rows,
@@ -1055,6 +1066,16 @@ class DeemForInterleavedGeneration(DeemPreTrainedModel, DeemGenerationMixin):
                     posterior,
                     nip_draws or DiffusionDraws(),
                     generator,
+                )
+            # both branches in one UNet + side-network call
+            maps = iter(decoder.denoise([b for b in (csr, nip) if b is not None]))
+            if csr is not None:
+                loss_csr = decoder.csr_reduce(next(maps), enc.latent_mask)
+            if w_nip > 0:
+                loss_nip = (
+                    decoder.nip_reduce(next(maps), soi_pos.shape[0])
+                    if nip is not None
+                    else hidden.new_zeros((), dtype=torch.float32)
                 )
         loss = None
         parts = [(w_ntp, loss_ntp), (w_nip, loss_nip), (w_csr, loss_csr)]

@@ -215,7 +215,7 @@ def check_token_ids(config: DeemConfig, ids, name: str = "input_ids", allow_igno
     values = ids[ids != -100] if allow_ignore else ids
     if values.numel() == 0:
         return
-    low, high = int(values.min()), int(values.max())
+    low, high = (int(v) for v in torch.aminmax(values))  # one pass, one read-back
     if low < 0 or high >= vocab:
         allowed = f"[0, {vocab})" + (" or -100 (ignored)" if allow_ignore else "")
         bad = low if low < 0 else high
@@ -320,7 +320,9 @@ def check_sequence_inputs(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
             f"{tuple(input_ids.shape)} (+ {past_len} cached tokens)"
         )
-    runs = _image_runs(input_ids, config.image_token_id)
+    # decoding steps and text-only batches hold no placeholder: one comparison instead of the run scan
+    has_images = bool((input_ids == config.image_token_id).any())
+    runs = _image_runs(input_ids, config.image_token_id) if has_images else []
     bad = [(b, s, n) for b, s, n in runs if n != config.num_image_tokens]
     if bad:
         b, s, n = bad[0]

@@ -60,27 +60,48 @@ def test_csr_alone_reaches_the_image_encoder(model, batch):
     model.zero_grad()
 
 
-@pytest.mark.parametrize(
-    "weights, expected_passes",
-    [
-        ({}, 2),
-        ({"loss_csr_weight": 0.0}, 1),
-        ({"loss_nip_weight": 0.0}, 1),
-        ({"loss_csr_weight": 0.0, "loss_nip_weight": 0.0}, 0),
-    ],
-)
-def test_zero_weight_skips_the_unet_call(model, batch, weights, expected_passes):
-    calls, handle = count_unet_passes(model)
-    try:
-        model.train()
-        with torch.no_grad():
-            out = model(**batch, **weights, generator=torch.Generator().manual_seed(2))
-    finally:
-        handle.remove()
-        model.eval()
-    assert len(calls) == expected_passes
-    assert (out.loss_csr is None) == ("loss_csr_weight" in weights)
-    assert (out.loss_nip is None) == ("loss_nip_weight" in weights)
+def test_csr_and_nip_share_one_unet_pass_and_a_zero_weight_skips_it(model, batch):
+    """CSR (every image) and NIP (images with a context) run as one UNet call over both branches' images; a zero
+    weight drops that branch's images from it; both zero: no call."""
+    from deem import DiffusionDraws
+
+    n, lat = batch["pixel_values"].shape[0], model.config.diffusion_config.latent_size
+    g = torch.Generator().manual_seed(7)
+
+    def draws():
+        return DiffusionDraws(
+            latent_noise=torch.randn(n, 4, lat, lat, generator=g),
+            noise=torch.randn(n, 4, lat, lat, generator=g),
+            timesteps=torch.randint(0, 1000, (n,), generator=g),
+            null_condition=torch.tensor([False, True, False][:n]),
+        )
+
+    csr, nip = draws(), draws()
+    sizes, outs = {}, {}
+    for name, weights in (
+        ("both", {}),
+        ("nip", {"loss_csr_weight": 0.0}),
+        ("csr", {"loss_nip_weight": 0.0}),
+        ("none", {"loss_csr_weight": 0.0, "loss_nip_weight": 0.0}),
+    ):
+        calls, handle = count_unet_passes(model)
+        try:
+            model.train()
+            with torch.no_grad():
+                outs[name] = model(**batch, **weights, csr_draws=csr, nip_draws=nip)
+        finally:
+            handle.remove()
+            model.eval()
+        sizes[name] = calls
+        assert (outs[name].loss_csr is None) == ("loss_csr_weight" in weights)
+        assert (outs[name].loss_nip is None) == ("loss_nip_weight" in weights)
+    assert sizes["csr"] == [n]
+    assert len(sizes["nip"]) == 1 and 0 < sizes["nip"][0] < n  # the batch has an image with no context
+    assert sizes["both"] == [n + sizes["nip"][0]]
+    assert sizes["none"] == []
+    # batched, each branch's loss is what it is alone
+    torch.testing.assert_close(outs["both"].loss_csr, outs["csr"].loss_csr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs["both"].loss_nip, outs["nip"].loss_nip, rtol=1e-5, atol=1e-6)
 
 
 def test_nip_only_for_images_with_context(model, batch):
@@ -374,3 +395,38 @@ def test_fresh_model_has_the_original_init():
     with torch.no_grad():
         logits = model(input_ids=ids, return_loss=False).logits
     torch.testing.assert_close(logits[..., v0:], torch.full_like(logits[..., v0:], -5.0))
+
+
+def test_denoise_runs_branches_of_different_shapes_apart(model):
+    """Branches whose conditions differ in length cannot share a UNet call: each runs alone, with the result it
+    has alone."""
+    dec = model.image_decoder
+    cfg = model.config
+    lat, dim = cfg.diffusion_config.latent_size, model.unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        pixels = torch.rand(3, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=g)
+        maps = model.model.image_encoder(pixels).region_features
+
+    def branch(rows, q):
+        n = len(rows)
+        return (
+            torch.randn(n, 4, lat, lat, generator=g),
+            torch.tensor([10, 500, 900][:n]),
+            torch.randn(n, 4, lat, lat, generator=g),
+            torch.randn(n, q, dim, generator=g),
+            [m[rows, None] for m in maps],
+            torch.ones(n, 1),
+        )
+
+    a, b = branch([0, 1], 5), branch([2], 7)
+    calls, handle = count_unet_passes(model)
+    try:
+        with torch.no_grad():
+            together = dec.denoise([a, b])
+            alone = [dec.denoise([a])[0], dec.denoise([b])[0]]
+    finally:
+        handle.remove()
+    assert calls == [2, 1, 2, 1]
+    for x, y in zip(together, alone):
+        torch.testing.assert_close(x, y)

@@ -79,6 +79,8 @@ def test_conversion_maps_every_key(fixture, converted):
 
 
 def test_eval_forward_matches_the_original(fixture, converted):
+    from deem import DiffusionDraws
+
     model, inter = converted, fixture["inter"]
     captured = {}
 
@@ -98,7 +100,16 @@ def test_eval_forward_matches_the_original(fixture, converted):
     ]
     try:
         with torch.no_grad():
-            out = model(**batch(fixture), output_hidden_states=True, return_loss=True, loss_csr_weight=0.0)
+            # the fixture holds the decoder perceiver's output before the random null-condition replacement (p=0.1
+            # per image, in eval mode too): no image drawn as null, else the comparison fails by chance
+            n = fixture["inputs"]["image_tensors"].shape[0]
+            out = model(
+                **batch(fixture),
+                output_hidden_states=True,
+                return_loss=True,
+                loss_csr_weight=0.0,
+                nip_draws=DiffusionDraws(null_condition=torch.zeros(n, dtype=torch.bool)),
+            )
     finally:
         for h in hooks:
             h.remove()
