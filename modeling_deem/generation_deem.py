@@ -531,6 +531,8 @@ class DeemGenerationMixin(GenerationMixin):
         cache = DynamicCache(config=cfg.text_config)
         hidden_history = []
         pipe = self.image_pipeline() if self.has_diffusion else None
+        if pipe is not None:  # no progress bar inside generate() (transformers shows none)
+            pipe.set_progress_bar_config(disable=True)
 
         cached = {}
         seq_embeds = []  # without a cache, every step runs the whole sequence so far

@@ -734,3 +734,58 @@ def test_side_network_rows_without_an_image_get_the_closed_form():
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="marks images as present"):
         net(skips, mid, None, torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("n_img", [1, 2])
+def test_dense_sampling_equals_the_grid_sample_loop(monkeypatch, n_img):
+    """The matrix-product path (wide heads, small maps) gives the grid_sample loop's values and gradients,
+    taps outside the maps included (offsets up to several map widths)."""
+    import deem.modeling.mmfs as mmfs
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(6, 5), (3, 3), (2, 1)]
+    total = sum(h * w for h, w in shapes)
+    n, heads, head_dim, lq, points = 2, 2, 32, 7, 3
+    inputs = (
+        torch.randn(n, n_img, heads, head_dim, total, generator=g, dtype=torch.float64),
+        torch.rand(1, lq, 2, generator=g, dtype=torch.float64),
+        torch.randn(n, n_img, heads, lq, points, 2, generator=g, dtype=torch.float64) * 3,
+        torch.rand(n, n_img, len(shapes), heads, lq, points, generator=g, dtype=torch.float64),
+    )
+    factors = [(1 / w, 1 / h) for h, w in shapes]
+    results = {}
+    for name, limit in (("dense", 1 << 40), ("loop", 0)):
+        monkeypatch.setattr(mmfs, "DENSE_SAMPLING_MAX_ELEMENTS", limit)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        calls = []
+        monkeypatch.setattr(mmfs._DenseSampling, "apply", _counting(mmfs._DenseSampling.apply, calls))
+        out = mmfs.deformable_sampling(leaves[0], shapes, leaves[1], leaves[2], factors, leaves[3])
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results[name] = [out.detach()] + [t.grad for t in leaves]
+        assert len(calls) == (1 if name == "dense" else 0)
+    for what, a, b in zip(("out", "value", "ref", "offsets", "weights"), results["dense"], results["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9, msg=what)
+        assert b.abs().max() > 0, what
+
+
+def _counting(fn, calls):
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped
+
+
+def test_dense_sampling_gradcheck():
+    import deem.modeling.mmfs as mmfs
+
+    g = torch.Generator().manual_seed(2)
+    shapes = [(3, 4), (2, 2)]
+    args = (
+        torch.randn(1, 2, 1, 2, 16, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.rand(1, 1, 3, 1, 2, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.randn(1, 2, 1, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True),
+        torch.rand(1, 2, 2, 1, 3, 2, generator=g, dtype=torch.float64, requires_grad=True),
+    )
+    factors = ((0.3, 0.2), (0.5, 0.25))
+    assert torch.autograd.gradcheck(lambda *a: mmfs._DenseSampling.apply(*a, tuple(shapes), factors), args)
