@@ -139,9 +139,10 @@ DENSE_SAMPLING_MAX_ELEMENTS = 1 << 22
 DENSE_SAMPLING_MIN_HEAD_DIM = 32
 
 
-def _dense_taps(ref, offsets, weights, level_shapes, level_factors, total: int):
+def _dense_taps(ref, offsets, weights, level_shapes, level_factors, total: int, parts: bool = False):
     """The bilinear taps of every (image, level, point) with their attention weights: (index, coef), both
-    [N*H, Lq, n_img * L * P * 4], index into the images' concatenated positions (n_img * S).
+    [N*H, Lq, n_img * L * P * 4], index into the images' concatenated positions (n_img * S); with ``parts`` also
+    what the analytic backward reads (corner weights, inside mask, attention weights, map sizes, offset factors).
 
     The taps follow ``grid_sample`` (bilinear, zero padding, ``align_corners=False``) with its arithmetic: the
     same grid, unnormalised as ``((g + 1) * size - 1) / 2``, the same corner weights; a tap outside its map gets
@@ -176,10 +177,12 @@ def _dense_taps(ref, offsets, weights, level_shapes, level_factors, total: int):
     ty = torch.minimum(ty.clamp(min=0), h2 - 1)
     index = (ty[..., :, None] * w2[..., None] + tx[..., None, :]).long() + first[..., None, None]
     attn = weights.permute(0, 3, 4, 1, 2, 5)[..., None, None]  # [N, H, Lq, n_img, L, P, 1, 1]
-    coef = wy * wx * attn * inside.to(dtype)
+    inside = inside.to(dtype)
+    coef = wy * wx * attn * inside
     index = index.reshape(n * heads, lq, -1)
-    coef = coef.reshape(n * heads, lq, -1)
-    return index, coef
+    if parts:
+        return index, coef.reshape(n * heads, lq, -1), (wx, wy, inside, attn[..., 0, 0], w, h, factor)
+    return index, coef.reshape(n * heads, lq, -1)
 
 
 def _sampling_matrix(index, coef, columns: int):
@@ -190,7 +193,7 @@ class _DenseSampling(torch.autograd.Function):
     """``_DeformableSampling`` as one matrix product: the taps are scattered into a [N*H, Lq, n_img*S] sampling
     matrix that multiplies the values [N*H, n_img*S, D] (one ``bmm`` instead of a ``grid_sample`` per image and
     level). Small maps only (``DENSE_SAMPLING_MAX_ELEMENTS``); like ``_DeformableSampling`` it saves its inputs
-    only and rebuilds the taps in the backward."""
+    only; the backward rebuilds the taps and differentiates them by hand."""
 
     @staticmethod
     def forward(ctx, value, ref, offsets, weights, level_shapes, level_factors):
@@ -210,20 +213,39 @@ class _DenseSampling(torch.autograd.Function):
         n, n_img, heads, head_dim, total = value.shape
         grad = grad_out.transpose(2, 3).reshape(n * heads, -1, head_dim).to(value.dtype)  # [N*H, Lq, D]
         values = value.permute(0, 2, 1, 4, 3).reshape(n * heads, n_img * total, head_dim)
-        taps_in = [t.detach().requires_grad_(needed) for t, needed in zip((ref, offsets, weights), need[1:])]
-        with torch.enable_grad():
-            index, coef = _dense_taps(*taps_in, ctx.level_shapes, ctx.level_factors, total)
+        index, coef, (wx, wy, inside, attn, w, h, factor) = _dense_taps(
+            ref, offsets, weights, ctx.level_shapes, ctx.level_factors, total, parts=True
+        )
         grad_value = None
         if need[0]:
-            matrix = _sampling_matrix(index, coef.detach(), n_img * total).to(values.dtype)
+            matrix = _sampling_matrix(index, coef, n_img * total).to(values.dtype)
             grad_value = torch.bmm(matrix.transpose(1, 2), grad)  # [N*H, n_img*S, D]
             grad_value = grad_value.view(n, heads, n_img, total, head_dim).permute(0, 2, 1, 4, 3)
         grads = [None, None, None]
-        wanted = [i for i, needed in enumerate(need[1:]) if needed]
-        if wanted:
+        if any(need[1:]):
+            # d loss / d coef, then by hand through coef = wy * wx * attn * inside (x0, y0 and the mask constant)
             grad_coef = torch.bmm(grad, values.transpose(1, 2)).gather(2, index).to(coef.dtype)
-            for i, g in zip(wanted, torch.autograd.grad(coef, [taps_in[i] for i in wanted], grad_coef)):
-                grads[i] = g
+            taps = grad_coef.view(wy.shape[:-2] + (2, 2)) * inside  # [N, H, Lq, n_img, L, P, 2 (y), 2 (x)]
+            if need[3]:
+                grads[2] = (taps * wy * wx).sum((-2, -1)).permute(0, 3, 4, 1, 2, 5)  # [N, n_img, L, H, Lq, P]
+            if need[1] or need[2]:
+                along_x = (taps * wy).sum(-2)  # d coef / d ix: -1 at x0, +1 at x1
+                along_y = (taps * wx).sum(-1)
+                grad_grid = torch.stack(
+                    [
+                        attn * (along_x[..., 1] - along_x[..., 0]) * w / 2,
+                        attn * (along_y[..., 1] - along_y[..., 0]) * h / 2,
+                    ],
+                    -1,
+                )  # [N, H, Lq, n_img, L, P, 2]
+                if need[2]:
+                    grads[1] = (grad_grid * factor).sum(4).permute(0, 3, 1, 2, 4, 5)  # [N, n_img, H, Lq, P, 2]
+                if need[1]:
+                    grad_ref = 2 * grad_grid.sum((1, 3, 4, 5))  # [N, Lq, 2]
+                    if ref.shape[0] == 1:
+                        grad_ref = grad_ref.sum(0, keepdim=True)
+                    grads[0] = grad_ref.view(ref.shape).to(ref.dtype)
+        grads = [g.to(t.dtype) if g is not None else None for g, t in zip(grads, (ref, offsets, weights))]
         return grad_value, *grads, None, None
 
 
