@@ -6,6 +6,7 @@ Shapes: N images, H the LLM width, C the UNet's cross-attention width, Q the dec
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -167,6 +168,32 @@ class DiffusionDraws:
         return DiffusionDraws(pick(self.latent_noise), pick(self.noise), pick(self.timesteps), None)
 
 
+class DenoisingBranch(NamedTuple):
+    """One diffusion loss branch's UNet inputs (``DeemImageDecoder.denoise``): noised latents [N,4,h,w], their
+    timesteps [N] and noise (the target), the condition [N,Q,C], the side maps (4 x [N,n_img,E,h_l,w_l]) and their
+    mask [N,n_img]."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    condition: torch.Tensor
+    side_features: list
+    side_mask: torch.Tensor
+
+    @staticmethod
+    def concatenate(branches: list["DenoisingBranch"]) -> "DenoisingBranch":
+        """The branches' images one after another (a single branch as it is)."""
+        if len(branches) == 1:
+            return branches[0]
+        joined = {
+            name: torch.cat([getattr(b, name) for b in branches])
+            for name in DenoisingBranch._fields
+            if name != "side_features"
+        }
+        side = [torch.cat(level) for level in zip(*(b.side_features for b in branches))]
+        return DenoisingBranch(**joined, side_features=side)
+
+
 class DeemImageDecoder(nn.Module):
     """The image decoder: ``context_proj`` + ``decoder_perceiver`` (LLM context -> [N,Q,C] condition) and, with
     ``config.diffusion_config``, the decoder perceiver's learned ``null_condition`` [1,Q,C], ``unet``, ``vae``
@@ -257,40 +284,33 @@ class DeemImageDecoder(nn.Module):
         t = timestep_map(t.to(latents.device)).long()
         return sched.add_noise(latents, noise, t), t, noise
 
-    def denoise(self, branches):
+    def denoise(self, branches: list["DenoisingBranch"]) -> list[torch.Tensor]:
         """Per-element epsilon MSE [N,4,h,w] (fp32) of each branch, all branches in one UNet + side-network call.
 
-        ``branches``: (noisy, t, noise, condition, side_features, side_mask) tuples; their images are concatenated
-        (one pass over the UNet's and the side network's layers instead of one per branch) when their condition
-        and side-feature shapes agree, else each branch runs alone."""
-        fits = len(branches) > 1 and all(
-            b[3].shape[1:] == branches[0][3].shape[1:]
-            and len(b[4]) == len(branches[0][4])
-            and all(f.shape[1:] == g.shape[1:] for f, g in zip(b[4], branches[0][4]))
-            and b[5].shape[1:] == branches[0][5].shape[1:]
+        The branches' images are concatenated (one pass over the UNet's and the side network's layers instead of
+        one per branch) when their condition and side-feature shapes agree, else each branch runs alone."""
+        first = branches[0] if branches else None
+        fits = all(
+            b.condition.shape[1:] == first.condition.shape[1:]
+            and [f.shape[1:] for f in b.side_features] == [f.shape[1:] for f in first.side_features]
+            and b.side_mask.shape[1:] == first.side_mask.shape[1:]
             for b in branches
         )
-        groups = [branches] if fits else [[b] for b in branches]
         unet_dtype = self.unet.dtype
         maps = []
-        for group in groups:
-            cat = lambda i: torch.cat([b[i] for b in group]) if len(group) > 1 else group[0][i]  # noqa: E731
-            side = [
-                torch.cat([b[4][k] for b in group]) if len(group) > 1 else group[0][4][k]
-                for k in range(len(group[0][4]))
-            ]
+        for group in [branches] if fits and branches else [[b] for b in branches]:
+            joined = DenoisingBranch.concatenate(group)
             pred = unet_forward_with_side(
                 self.unet,
                 self.unet_side,
-                cat(0).to(unet_dtype),
-                cat(1),
-                cat(3).to(unet_dtype),
-                side_features=[f.to(unet_dtype) for f in side],
-                side_mask=cat(5),
+                joined.noisy.to(unet_dtype),
+                joined.timesteps,
+                joined.condition.to(unet_dtype),
+                side_features=[f.to(unet_dtype) for f in joined.side_features],
+                side_mask=joined.side_mask,
             )
-            sizes = [b[0].shape[0] for b in group]
-            for part, b in zip(pred.split(sizes), group):
-                maps.append((part.float() - b[2].float()) ** 2)
+            for part, b in zip(pred.split([b.noisy.shape[0] for b in group]), group):
+                maps.append((part.float() - b.noise.float()) ** 2)
         return maps
 
     def denoising_loss(
@@ -298,7 +318,7 @@ class DeemImageDecoder(nn.Module):
     ):
         """Per-element epsilon MSE [N,4,h,w] (fp32) of the UNet + side network on noised latents (§2.9)."""
         noisy, t, noise = self.noised_latents(posterior, draws, timestep_map, generator)
-        return self.denoise([(noisy, t, noise, condition, side_features, side_mask)])[0]
+        return self.denoise([DenoisingBranch(noisy, t, noise, condition, side_features, side_mask)])[0]
 
     def csr_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """CSR timestep remap ``round((t - T/2) * scale + T/2)`` (T=1000, scale 0.6: [0,1000) -> [200,799])."""
@@ -313,7 +333,7 @@ class DeemImageDecoder(nn.Module):
         side = [f[:, None] for f in region_features]
         side_mask = torch.ones(n, 1, device=condition.device, dtype=condition.dtype)
         noisy, t, noise = self.noised_latents(posterior, draws, timestep_map or self.csr_timesteps, generator)
-        return noisy, t, noise, condition, side, side_mask
+        return DenoisingBranch(noisy, t, noise, condition, side, side_mask)
 
     @staticmethod
     def csr_reduce(loss_map, latent_mask, per_image: bool = False):
@@ -362,7 +382,7 @@ class DeemImageDecoder(nn.Module):
         side = [f[sel] for f in side]
         posterior = tuple(p[sel.to(p.device)] for p in posterior)
         noisy, t, noise = self.noised_latents(posterior, draws.select(sel), lambda t: t, generator)
-        return noisy, t, noise, condition, side, side_mask[sel]
+        return DenoisingBranch(noisy, t, noise, condition, side, side_mask[sel])
 
     @staticmethod
     def nip_reduce(loss_map, n: int):

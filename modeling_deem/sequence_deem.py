@@ -64,6 +64,8 @@ class DeemImageMemory:
 def _image_runs(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int, int]]:
     """(row, start, length) of every run of image placeholders, in row-major order."""
     is_img = input_ids == image_token_id
+    if not bool(is_img.any()):  # decoding steps and text-only batches: no run scan
+        return []
     prev = F.pad(is_img[:, :-1], (1, 0), value=False)
     nxt = F.pad(is_img[:, 1:], (0, 1), value=False)
     starts = (is_img & ~prev).nonzero().tolist()
@@ -320,9 +322,7 @@ def check_sequence_inputs(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
             f"{tuple(input_ids.shape)} (+ {past_len} cached tokens)"
         )
-    # decoding steps and text-only batches hold no placeholder: one comparison instead of the run scan
-    has_images = bool((input_ids == config.image_token_id).any())
-    runs = _image_runs(input_ids, config.image_token_id) if has_images else []
+    runs = _image_runs(input_ids, config.image_token_id)
     bad = [(b, s, n) for b, s, n in runs if n != config.num_image_tokens]
     if bad:
         b, s, n = bad[0]

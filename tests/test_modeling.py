@@ -400,6 +400,8 @@ def test_fresh_model_has_the_original_init():
 def test_denoise_runs_branches_of_different_shapes_apart(model):
     """Branches whose conditions differ in length cannot share a UNet call: each runs alone, with the result it
     has alone."""
+    from deem.modeling.image_decoder_deem import DenoisingBranch
+
     dec = model.image_decoder
     cfg = model.config
     lat, dim = cfg.diffusion_config.latent_size, model.unet.config.cross_attention_dim
@@ -410,7 +412,7 @@ def test_denoise_runs_branches_of_different_shapes_apart(model):
 
     def branch(rows, q):
         n = len(rows)
-        return (
+        return DenoisingBranch(
             torch.randn(n, 4, lat, lat, generator=g),
             torch.tensor([10, 500, 900][:n]),
             torch.randn(n, 4, lat, lat, generator=g),
