@@ -289,7 +289,9 @@ class DeemImageDecoder(nn.Module):
 
         The branches' images are concatenated (one pass over the UNet's and the side network's layers instead of
         one per branch) when their condition and side-feature shapes agree, else each branch runs alone."""
-        first = branches[0] if branches else None
+        if not branches:
+            return []
+        first = branches[0]
         fits = all(
             b.condition.shape[1:] == first.condition.shape[1:]
             and [f.shape[1:] for f in b.side_features] == [f.shape[1:] for f in first.side_features]
@@ -298,7 +300,7 @@ class DeemImageDecoder(nn.Module):
         )
         unet_dtype = self.unet.dtype
         maps = []
-        for group in [branches] if fits and branches else [[b] for b in branches]:
+        for group in [branches] if fits else [[b] for b in branches]:
             joined = DenoisingBranch.concatenate(group)
             pred = unet_forward_with_side(
                 self.unet,

@@ -66,6 +66,15 @@ def _progress(name, steps):
     return tqdm(range(steps), desc=name, leave=False, disable=logging.is_progress_bar_enabled() is False)
 
 
+def _set_lr(opt, step: int, steps: int, peak: float, warmup: int, floor: float = 0.0) -> None:
+    """Every group of ``opt`` at ``peak`` x linear warm-up over ``warmup`` steps x a cosine over ``steps`` from 1
+    down to ``floor`` (the schedule of each component's pretraining)."""
+    cosine = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    lr = peak * min(1.0, (step + 1) / warmup) * cosine
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def _images(rng: random.Random, n: int, size: int, max_objects: int = 3, single: float = 0.5):
     scenes_ = [S.random_scene(rng, 1 if rng.random() < single else max_objects) for _ in range(n)]
     pixels = np.stack([np.asarray(S.render(s, size)) for s in scenes_]).astype(np.float32) / 127.5 - 1.0
@@ -119,9 +128,7 @@ def pretrain_llm(out: Path, sizes: ComponentSizes, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     losses = []
     for step in _progress("LLM", sizes.llm_steps):
-        lr = 3e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / sizes.llm_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        _set_lr(opt, step, sizes.llm_steps, 3e-3, 20)
         batch = blocks[torch.randint(0, len(blocks), (sizes.batch_size,), generator=g)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -247,10 +254,16 @@ def write_clip_tokenizer(path: Path, max_length: int = SD_TEXT_LEN, pad_token: s
     return len(tokens)
 
 
-def _detected(images: torch.Tensor) -> list[dict | None]:
-    """The detector's largest object of each image of a [-1, 1] batch (None where it finds nothing)."""
+def _attribute_accuracy(images: torch.Tensor, targets: list[tuple[str, str]]) -> dict:
+    """How often the detector's largest object in each image of a [-1, 1] batch has its target's colour / shape
+    (an image where it finds nothing counts as wrong)."""
     pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return [next(iter(S.detect(p.numpy())), None) for p in pixels]
+    found = [next(iter(S.detect(p.numpy())), None) for p in pixels]
+    n = len(targets)
+    return {
+        "colour": sum(d is not None and d["colour"] == c for d, (c, _) in zip(found, targets)) / n,
+        "shape": sum(d is not None and d["shape"] == s for d, (_, s) in zip(found, targets)) / n,
+    }
 
 
 @torch.no_grad()
@@ -258,14 +271,12 @@ def reconstruction_scores(vae, size: int = 32, n: int = 200, seed: int = 123) ->
     """How often the detector still names the right colour / shape after the VAE's encode + decode of one-object
     renders (``renders``: the same on the renders themselves, the detector's own ceiling)."""
     scenes_, x = _images(random.Random(seed), n, size, single=1.0)
-    out = {}
-    for name, images in (("renders", x), ("reconstructions", vae.decode(vae.encode(x).latent_dist.mode()).sample)):
-        found = _detected(images)
-        out[name] = {
-            "colour": sum(d is not None and d["colour"] == s.objects[0].colour for d, s in zip(found, scenes_)) / n,
-            "shape": sum(d is not None and d["shape"] == s.objects[0].shape for d, s in zip(found, scenes_)) / n,
-        }
-    return out
+    targets = [(s.objects[0].colour, s.objects[0].shape) for s in scenes_]
+    reconstructions = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return {
+        "renders": _attribute_accuracy(x, targets),
+        "reconstructions": _attribute_accuracy(reconstructions, targets),
+    }
 
 
 @torch.no_grad()
@@ -289,13 +300,10 @@ def sd_prompt_following(sd_dir, per_prompt: int = 2, steps: int = 20, guidance_s
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
     ).images
-    found = _detected(images * 2 - 1)
-    n = len(targets)
     return {
-        "colour": sum(d is not None and d["colour"] == c for d, (c, _) in zip(found, targets)) / n,
-        "shape": sum(d is not None and d["shape"] == s for d, (_, s) in zip(found, targets)) / n,
+        **_attribute_accuracy(images * 2 - 1, targets),
         "chance": {"colour": 1 / len(S.COLOURS), "shape": 1 / len(S.SHAPES)},
-        "images": n,
+        "images": len(targets),
         "steps": steps,
         "guidance_scale": guidance_scale,
     }
@@ -313,9 +321,7 @@ def pretrain_sd(out: Path, sizes: ComponentSizes, seed: int = 0) -> dict:
     for step in _progress("VAE", sizes.vae_steps):
         # warm-up, then cosine to 5 %: 150 constant-rate steps left reconstructions that named the wrong colour in
         # 2 of 3 images (red drawn orange, green grey), which no UNet trained on the latents can undo
-        lr = 2e-3 * min(1.0, (step + 1) / 30) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / sizes.vae_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        _set_lr(opt, step, sizes.vae_steps, 2e-3, 30, floor=0.05)
         _, x = _images(rng, sizes.batch_size, sizes.image_size)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -362,9 +368,7 @@ def pretrain_sd(out: Path, sizes: ComponentSizes, seed: int = 0) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sf = vae.config.scaling_factor
     for step in _progress("UNet", sizes.unet_steps):
-        lr = 1e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / sizes.unet_steps)))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        _set_lr(opt, step, sizes.unet_steps, 1e-3, 50, floor=0.1)
         scenes_, x = _images(rng, sizes.batch_size, sizes.image_size, single=sizes.unet_single_object)
         prompts = [S.short_caption(s) + "." if rng.random() > 0.1 else "" for s in scenes_]
         ids = tokenizer(prompts, padding="max_length", max_length=SD_TEXT_LEN, truncation=True, return_tensors="pt")
@@ -417,9 +421,7 @@ def pretrain_clip(path: Path, tokenizer, sizes: ComponentSizes, seed: int = 0) -
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     accs = []
     for step in _progress("CLIP", sizes.clip_steps):
-        lr = 2e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / sizes.clip_steps))
-        for group in opt.param_groups:
-            group["lr"] = lr
+        _set_lr(opt, step, sizes.clip_steps, 2e-3, 20)
         scenes_, x = _images(rng, sizes.batch_size * 2, sizes.image_size)
         x = ((x + 1) / 2 - mean) / std
         image = F.normalize(head(trunk(x)), dim=-1)
