@@ -91,7 +91,7 @@ def test_component_pretraining_still_runs_and_assembles(tmp_path):
         image_size=32,
         num_image_tokens=8,
         image_embed_dim=64,
-        config_overrides=_overrides(WorldRun()),
+        config_overrides=_overrides(WorldRun(), paths),
         seed=0,
     )
     assert model.config.vision_config.image_size == 32 and processor.num_image_tokens == 8
@@ -145,3 +145,59 @@ def test_python_m_deem_world_quick_runs_every_phase_and_learns_yes_no(tmp_path):
     held_out = m["stage2_yes_no"]["robustvqa_in"]["score"]["accuracy"]  # percent (deem.evaluation)
     if held_out < 65:
         pytest.xfail(f"held-out yes/no accuracy {held_out:.1f} % after the quick run (target >= 65 %)")
+
+
+def _spread(perceiver, width: int) -> float:
+    """How far apart the perceiver's outputs are for six contexts that share most of their content (the mean relative
+    distance to their mean), as the world's captions do (their LLM contexts are ~20 % apart)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    contexts = torch.randn(1, 5, width, generator=g) + 0.2 * torch.randn(6, 5, width, generator=g)
+    with torch.no_grad():
+        out = perceiver.eval()(contexts).flatten(1)
+    mean = out.mean(0)
+    return float(((out - mean).norm(dim=1) / mean.norm()).mean())
+
+
+def test_world_perceivers_start_reading_their_inputs_as_the_7b_ones_do():
+    """At the original's init std 0.02 the world-sized perceivers give nearly the same output whatever they read (their
+    layer-normed queries drown the cross-attention); the width-matched init restores the 7B model's balance."""
+    import torch
+
+    from deem.modeling.configuration_deem import DeemDecoderPerceiverConfig, DeemPerceiverConfig
+    from deem.modeling.image_decoder_deem import DeemDecoderPerceiver
+    from deem.modeling.vision import DeemPerceiver
+    from deem.world.components import SHIPPED, component_paths
+    from deem.world.pipeline import _PERCEIVER_WIDTHS_7B, WorldRun, _overrides, width_matched_init
+
+    for name, (hidden, width) in _PERCEIVER_WIDTHS_7B.items():
+        assert width_matched_init(name, hidden, width) == 0.02
+    overrides = _overrides(WorldRun(), component_paths(SHIPPED))
+    dec_std = overrides["decoder_perceiver_config"]["initializer_range"]
+    enc_std = overrides["perceiver_config"]["initializer_range"]
+    assert (dec_std, enc_std) == (0.1022, 0.0744)  # 64-wide perceivers reading the 96-wide LLM / 64-wide image maps
+    torch.manual_seed(0)
+    spread_7b = _spread(DeemDecoderPerceiver(DeemDecoderPerceiverConfig()), 4096)
+    decoder = dict(num_queries=48, hidden_size=64, encoder_hidden_size=96, num_attention_heads=4, intermediate_size=128)
+    torch.manual_seed(0)
+    spread_orig = _spread(DeemDecoderPerceiver(DeemDecoderPerceiverConfig(**decoder, initializer_range=0.02)), 96)
+    torch.manual_seed(0)
+    spread_matched = _spread(DeemDecoderPerceiver(DeemDecoderPerceiverConfig(**decoder, initializer_range=dec_std)), 96)
+    spreads = (spread_7b, spread_orig, spread_matched)
+    assert spread_orig < spread_7b / 10 and 0.7 < spread_matched / spread_7b < 1.4, spreads
+    encoder = dict(
+        num_queries=8,
+        hidden_size=64,
+        encoder_hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    enc_orig = _spread(DeemPerceiver(DeemPerceiverConfig(**encoder, initializer_range=0.02)), 64)
+    torch.manual_seed(0)
+    enc_matched = _spread(DeemPerceiver(DeemPerceiverConfig(**encoder, initializer_range=enc_std)), 64)
+    assert enc_orig < 0.01 < 0.03 < enc_matched, (enc_orig, enc_matched)
