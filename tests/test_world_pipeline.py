@@ -169,9 +169,9 @@ def test_world_perceivers_start_reading_their_inputs_as_the_7b_ones_do():
     from deem.modeling.image_decoder_deem import DeemDecoderPerceiver
     from deem.modeling.vision import DeemPerceiver
     from deem.world.components import SHIPPED, component_paths
-    from deem.world.pipeline import _PERCEIVER_WIDTHS_7B, WorldRun, _overrides, width_matched_init
+    from deem.world.pipeline import WorldRun, _overrides, perceiver_widths_7b, width_matched_init
 
-    for name, (hidden, width) in _PERCEIVER_WIDTHS_7B.items():
+    for name, (hidden, width) in perceiver_widths_7b().items():
         assert width_matched_init(name, hidden, width) == 0.02
     overrides = _overrides(WorldRun(), component_paths(SHIPPED))
     dec_std = overrides["decoder_perceiver_config"]["initializer_range"]
@@ -179,23 +179,18 @@ def test_world_perceivers_start_reading_their_inputs_as_the_7b_ones_do():
     assert (dec_std, enc_std) == (0.1022, 0.0744)  # 64-wide perceivers reading the 96-wide LLM / 64-wide image maps
     torch.manual_seed(0)
     spread_7b = _spread(DeemDecoderPerceiver(DeemDecoderPerceiverConfig()), 4096)
-    decoder = dict(num_queries=48, hidden_size=64, encoder_hidden_size=96, num_attention_heads=4, intermediate_size=128)
+    # the world's perceiver configs as assembly builds them (their overrides + the queries and widths it sets)
+    world = {name: dict(overrides[name]) for name in perceiver_widths_7b()}
+    for config in world.values():
+        del config["initializer_range"]
+    decoder = dict(world["decoder_perceiver_config"], num_queries=48, hidden_size=64, encoder_hidden_size=96)
     torch.manual_seed(0)
     spread_orig = _spread(DeemDecoderPerceiver(DeemDecoderPerceiverConfig(**decoder, initializer_range=0.02)), 96)
     torch.manual_seed(0)
     spread_matched = _spread(DeemDecoderPerceiver(DeemDecoderPerceiverConfig(**decoder, initializer_range=dec_std)), 96)
     spreads = (spread_7b, spread_orig, spread_matched)
     assert spread_orig < spread_7b / 10 and 0.7 < spread_matched / spread_7b < 1.4, spreads
-    encoder = dict(
-        num_queries=8,
-        hidden_size=64,
-        encoder_hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    encoder = dict(world["perceiver_config"], num_queries=8, encoder_hidden_size=64)
     torch.manual_seed(0)
     enc_orig = _spread(DeemPerceiver(DeemPerceiverConfig(**encoder, initializer_range=0.02)), 64)
     torch.manual_seed(0)

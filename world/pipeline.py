@@ -85,8 +85,13 @@ def _mark(folder: Path, info: dict) -> None:
     os.replace(tmp, folder / "done.json")
 
 
-# The 7B model's perceivers: (hidden, encoder width) of the encoder's (§2.3) and of the image decoder's (§2.8).
-_PERCEIVER_WIDTHS_7B = {"perceiver_config": (768, 1024), "decoder_perceiver_config": (1024, 4096)}
+def perceiver_widths_7b() -> dict:
+    """(hidden, encoder width) of the 7B model's perceivers (the config defaults): the encoder's (§2.3) and the image
+    decoder's (§2.8), by their `DeemConfig` field name."""
+    from deem.modeling.configuration_deem import DeemDecoderPerceiverConfig, DeemPerceiverConfig
+
+    configs = {"perceiver_config": DeemPerceiverConfig(), "decoder_perceiver_config": DeemDecoderPerceiverConfig()}
+    return {name: (c.hidden_size, c.encoder_hidden_size) for name, c in configs.items()}
 
 
 def width_matched_init(config_name: str, hidden: int, encoder_width: int, std_7b: float = 0.02) -> float:
@@ -99,20 +104,23 @@ def width_matched_init(config_name: str, hidden: int, encoder_width: int, std_7b
     image gets nearly the same tokens and every caption nearly the same UNet condition (measured on the assembled
     world model: conditions of different captions 0.2 % apart, image tokens of different images 1 %). This keeps the
     7B balance: ``std = 0.02 * (hidden_7b * width_7b / (hidden * width)) ** (1/4)``."""
-    h7, w7 = _PERCEIVER_WIDTHS_7B[config_name]
+    h7, w7 = perceiver_widths_7b()[config_name]
     return round(std_7b * (h7 * w7 / (hidden * encoder_width)) ** 0.25, 4)
 
 
 def _overrides(run: WorldRun, paths: dict) -> dict:
     """The world model's config overrides for `assemble_deem`; ``paths``: the components (`component_paths`), whose
-    LLM width and UNet condition width set the perceivers' init."""
-    llm_hidden = json.loads((Path(paths["llm"]) / "config.json").read_text())["hidden_size"]
-    condition_width = json.loads((Path(paths["sd"]) / "unet" / "config.json").read_text())["cross_attention_dim"]
-    encoder_std = width_matched_init("perceiver_config", 64, run.image_embed_dim)
-    decoder_std = width_matched_init("decoder_perceiver_config", condition_width, llm_hidden)
+    LLM width and UNet condition width (the decoder perceiver's, as assembly sets it) set the perceivers' init."""
+    from deem.conversion.assemble import _read_json
+
+    llm_hidden = _read_json(Path(paths["llm"]) / "config.json", "LLaMA config", ("hidden_size",))["hidden_size"]
+    unet = _read_json(Path(paths["sd"]) / "unet" / "config.json", "UNet config", ("cross_attention_dim",))
+    perceiver_hidden = 64
+    encoder_std = width_matched_init("perceiver_config", perceiver_hidden, run.image_embed_dim)
+    decoder_std = width_matched_init("decoder_perceiver_config", unet["cross_attention_dim"], llm_hidden)
     return {
         "perceiver_config": {
-            "hidden_size": 64,
+            "hidden_size": perceiver_hidden,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "intermediate_size": 128,
