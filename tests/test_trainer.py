@@ -108,6 +108,8 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
         "unet_side.mid_block.attn.sampling_offsets.weight": (1e-5, 0.0, "sampling_offsets"),
         "language_model.layers.0.cross_attn.attn.value_proj.weight": (1e-4, 0.05, "cross_attn"),
         "language_model.layers.0.cross_attn.attn.value_proj.bias": (1e-4, 0.0, "cross_attn"),
+        "language_model.layers.0.cross_attn.attn.output_proj.weight": (1e-4, 0.05, "cross_attn"),
+        "language_model.layers.0.cross_attn.attn.output_proj.bias": (1e-4, 0.0, "cross_attn_output_bias"),
         "language_model.layers.0.cross_attn.norm_query.weight": (1e-4, 0.0, "cross_attn"),
         "language_model.layers.0.cross_attn.attn.query_relpos.weight": (1e-4, 0.0, "cross_attn"),
         "image_encoder.backbone.trunk.stages.0.blocks.0.mlp.fc1.weight": (2e-5, 0.05, "image_encoder_trunk"),
@@ -138,6 +140,11 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
     assert own[id(named["lm_head.new_tokens.weight"])]["lr"] == pytest.approx(5e-2)
     assert own[id(named["lm_head.new_tokens.bias"])]["lr"] == pytest.approx(5e-2)
     assert own[id(named["soi_embedding"])]["lr"] == pytest.approx(1e-4)
+    # ... and the cross-attention's output bias can be held where it starts (the world's stage 1: 0)
+    args = _args(tmp_path, 1, learning_rate=None, param_group_lr={"cross_attn_output_bias": 0.0})
+    held = _group_by_param(build_param_groups(model, args))
+    assert held[id(named["language_model.layers.0.cross_attn.attn.output_proj.bias"])]["lr"] == 0.0
+    assert held[id(named["language_model.layers.0.cross_attn.attn.output_proj.weight"])]["lr"] == pytest.approx(1e-4)
 
     model.set_training_stage(2)
     g2 = _group_by_param(build_param_groups(model, _args(tmp_path, 2, learning_rate=None)))
@@ -149,6 +156,7 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
         "language_model.layers.0.cross_attn.attn.sampling_offsets.weight": (5e-6, 0.0),
         "unet_side.mid_block.attn.sampling_offsets.weight": (5e-6, 0.0),
         "language_model.layers.0.cross_attn.attn.value_proj.weight": (5e-6, 0.05),
+        "language_model.layers.0.cross_attn.attn.output_proj.bias": (5e-6, 0.0),
         "image_encoder.perceiver.layers.0.mlp.fc1.weight": (1e-5, 0.05),
         "lm_head.new_tokens.weight": (1e-5, 0.05),
     }

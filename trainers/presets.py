@@ -38,6 +38,10 @@ OPTIMIZER_GROUP_PATTERNS = (
     ("lora", r"(?:^|\.)lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)"),
     ("cross_attn_gate", r"(?:^|\.)cross_attn\.gate$"),
     ("sampling_offsets", r"(?:^|\.)sampling_offsets\."),
+    # the LLM cross-attention's output bias: added (x tanh(gate)) to every token of a batch that holds images, also to
+    # tokens that see none, and absent when a batch has no image (text-only generation); at the stage rates of
+    # ``cross_attn``, its own group so that a recipe can hold it at 0 (the built-in world's stage 1 does)
+    ("cross_attn_output_bias", r"(?:^|\.)language_model\.layers\.\d+\.cross_attn\.attn\.output_proj\.bias$"),
     ("cross_attn", r"(?:^|\.)language_model\.layers\.\d+\.cross_attn\."),
     ("unet", r"(?:^|\.)unet\."),
     ("image_encoder_trunk", r"(?:^|\.)image_encoder\.backbone\.trunk\."),
@@ -59,6 +63,7 @@ STAGE_LR_SCALE = {
         "lora": 1.0,
         "cross_attn_gate": 1.0,
         "sampling_offsets": 0.1,
+        "cross_attn_output_bias": 1.0,
         "cross_attn": 1.0,
         "unet": 0.1,
         "image_encoder_trunk": 0.2,
@@ -70,6 +75,7 @@ STAGE_LR_SCALE = {
         "lora": 1.0,
         "cross_attn_gate": 0.5,
         "sampling_offsets": 0.5,
+        "cross_attn_output_bias": 0.5,
         "cross_attn": 0.5,
         "unet": 1.0,
         "image_encoder_trunk": 0.5,
