@@ -63,7 +63,6 @@ STAGE_LR_SCALE = {
         "lora": 1.0,
         "cross_attn_gate": 1.0,
         "sampling_offsets": 0.1,
-        "cross_attn_output_bias": 1.0,
         "cross_attn": 1.0,
         "unet": 0.1,
         "image_encoder_trunk": 0.2,
@@ -75,7 +74,6 @@ STAGE_LR_SCALE = {
         "lora": 1.0,
         "cross_attn_gate": 0.5,
         "sampling_offsets": 0.5,
-        "cross_attn_output_bias": 0.5,
         "cross_attn": 0.5,
         "unet": 1.0,
         "image_encoder_trunk": 0.5,
@@ -84,6 +82,8 @@ STAGE_LR_SCALE = {
     },
 }
 STAGE_LR_SCALE[3] = dict(STAGE_LR_SCALE[2])
+for _scales in STAGE_LR_SCALE.values():  # the output bias trains with the rest of the cross-attention unless overridden
+    _scales["cross_attn_output_bias"] = _scales["cross_attn"]
 
 #: Groups whose weight decay is 0 whatever ``weight_decay`` is (§4.6: gates and offsets in every stage; the SFT
 #: configs' LLM group).
