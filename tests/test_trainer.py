@@ -118,7 +118,7 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
         "image_encoder.perceiver.queries": (1e-4, 0.0, "default"),
         "image_encoder.perceiver.layers.0.self_attention.q_norm.weight": (1e-4, 0.0, "default"),
         "soi_embedding": (1e-4, 0.0, "default"),
-        "null_condition": (1e-4, 0.0, "default"),
+        "null_condition": (1e-4, 0.0, "nip_condition"),  # at the default rate unless overridden
         "unet_side.mid_block.attn.value_proj.weight": (1e-4, 0.05, "default"),
         "lm_head.new_tokens.weight": (1e-4, 0.05, "new_tokens"),  # the original's head_new: its default rate
     }
@@ -145,6 +145,13 @@ def test_optimizer_groups_stage1_and_2(tmp_path):
     held = _group_by_param(build_param_groups(model, args))
     assert held[id(named["language_model.layers.0.cross_attn.attn.output_proj.bias"])]["lr"] == 0.0
     assert held[id(named["language_model.layers.0.cross_attn.attn.output_proj.weight"])]["lr"] == pytest.approx(1e-4)
+    # ... and the NIP condition (decoder perceiver with its null condition, context projection) its own rate
+    args = _args(tmp_path, 1, learning_rate=None, param_group_lr={"nip_condition": 3e-5})
+    cond = _group_by_param(build_param_groups(model, args))
+    assert cond[id(named["null_condition"])]["lr"] == pytest.approx(3e-5)
+    perceiver = [n for n in named if "decoder_perceiver" in n and n != "null_condition"]
+    assert perceiver and all(cond[id(named[n])]["lr"] == pytest.approx(3e-5) for n in perceiver)
+    assert cond[id(named["image_encoder.perceiver.queries"])]["lr"] == pytest.approx(1e-4)
 
     model.set_training_stage(2)
     g2 = _group_by_param(build_param_groups(model, _args(tmp_path, 2, learning_rate=None)))

@@ -44,6 +44,9 @@ OPTIMIZER_GROUP_PATTERNS = (
     ("cross_attn_output_bias", r"(?:^|\.)language_model\.layers\.\d+\.cross_attn\.attn\.output_proj\.bias$"),
     ("cross_attn", r"(?:^|\.)language_model\.layers\.\d+\.cross_attn\."),
     ("unet", r"(?:^|\.)unet\."),
+    # what turns the LLM context into the UNet condition for L_NIP (the image decoder's perceiver, with its null
+    # condition, and the context projection): in the default group's rates unless a recipe overrides it
+    ("nip_condition", r"(?:^|\.)image_decoder\.(?:decoder_perceiver|context_proj)\."),
     ("image_encoder_trunk", r"(?:^|\.)image_encoder\.backbone\.trunk\."),
     ("llm", r"(?:^|\.)language_model\."),
     # the output rows of the added tokens (<|startofimage|>, ...; the original's head_new, in its default group)
@@ -84,6 +87,7 @@ STAGE_LR_SCALE = {
 STAGE_LR_SCALE[3] = dict(STAGE_LR_SCALE[2])
 for _scales in STAGE_LR_SCALE.values():  # the output bias trains with the rest of the cross-attention unless overridden
     _scales["cross_attn_output_bias"] = _scales["cross_attn"]
+    _scales["nip_condition"] = _scales["default"]
 
 #: Groups whose weight decay is 0 whatever ``weight_decay`` is (§4.6: gates and offsets in every stage; the SFT
 #: configs' LLM group).
