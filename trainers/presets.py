@@ -85,7 +85,9 @@ STAGE_LR_SCALE = {
     },
 }
 STAGE_LR_SCALE[3] = dict(STAGE_LR_SCALE[2])
-for _scales in STAGE_LR_SCALE.values():  # the output bias trains with the rest of the cross-attention unless overridden
+# derived groups, unless a recipe overrides them: the output bias at the cross-attention's rates, the NIP condition at
+# the default group's
+for _scales in STAGE_LR_SCALE.values():
     _scales["cross_attn_output_bias"] = _scales["cross_attn"]
     _scales["nip_condition"] = _scales["default"]
 
