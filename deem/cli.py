@@ -63,6 +63,13 @@ def bounded_int(maximum: int):
     return parse
 
 
+def steps_int(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= 10**7:
+        raise argparse.ArgumentTypeError(f"expected a number of steps in [0, 10**7], got {text!r}")
+    return value
+
+
 def seed_int(text: str) -> int:
     value = _int(text)
     if not 0 <= value < 2**63:
@@ -344,6 +351,13 @@ def _add_world(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--ablation", action="store_true", help="also stage 1 with / without L_CSR over several seeds")
+    p.add_argument(
+        "--grounding-steps",
+        type=steps_int,
+        default=0,
+        help="steps of stage 2's yes/no warm-up (main-object questions, plain and described) before stage 2; "
+        "0 (default): none",
+    )
     p.add_argument("--pretrain", action="store_true", help="pretrain the three components here (stage 0)")
     p.add_argument("--fresh", action="store_true", help="ignore the cached phases in OUT and run everything again")
     _debug_flag(p)

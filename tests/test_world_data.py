@@ -15,6 +15,7 @@ TINY = WorldSizes(
     mmc4_docs=6,
     pairs=8,
     llava_images=5,
+    grounding_images=4,
     referring_images=4,
     pope_images=5,
     robust_images=6,
@@ -93,6 +94,33 @@ def test_world_files_are_in_the_real_formats(world):
     assert len(graphs) > 40 and all(1 <= len(g["objects"]) <= 3 for g in graphs)
 
 
+def test_grounding_set_pairs_every_record_with_its_described_copy(world):
+    """Stage 2's yes/no warm-up: single-object scenes, the true shape asked twice and two others, every record once
+    plain and once with the scene's description before each question; the answers follow the scene graph."""
+    records = json.loads((world / "llava" / "grounding.json").read_text())
+    graphs = {g["file"]: g for g in map(json.loads, (world / "scenes.jsonl").read_text().splitlines())}
+    assert len(records) == 2 * TINY.grounding_images
+    for plain, described in zip(records[::2], records[1::2]):
+        assert described["id"] == plain["id"] + "-described" and described["image"] == plain["image"]
+        (obj,) = graphs[f"llava/images/{plain['image']}"]["objects"]
+        description = f"a {obj['size']} {obj['colour']} {obj['shape']}."
+        answers = [t["value"] for t in plain["conversations"][1::2]]
+        assert sorted(answers) == ["no", "no", "yes", "yes"]
+        for q, a, dq, da in zip(
+            plain["conversations"][0::2],
+            answers,
+            described["conversations"][0::2],
+            described["conversations"][1::2],
+        ):
+            question = q["value"].removeprefix("<image>\n")
+            shape = question.split()[2]
+            assert a == ("yes" if shape == obj["shape"] else "no"), question
+            assert dq["value"].removeprefix("<image>\n") == description + " " + question
+            assert da["value"] == a
+        assert plain["conversations"][0]["value"].startswith("<image>\n")
+        assert described["conversations"][0]["value"].startswith("<image>\n")
+
+
 def test_world_files_read_back_through_the_project_readers(world):
     from deem.trainers.data import read_llava, read_mmc4, read_pairs, read_referring
 
@@ -101,6 +129,8 @@ def test_world_files_read_back_through_the_project_readers(world):
     assert any("Then the" in d["segments"][0]["text"] for d in docs)
     pairs = list(read_pairs(str(world / "pairs"), on_error="raise", text_drop_prob=0.0))
     assert len(pairs) == TINY.pairs and all(len(p["images"]) == 1 for p in pairs)
+    grounding = read_llava(str(world / "llava" / "grounding.json"), str(world / "llava" / "images"), on_error="raise")
+    assert len(grounding) == 2 * 4 * TINY.grounding_images and len(grounding[0]["images"]) == 1
     qa = read_llava(str(world / "llava" / "llava.json"), str(world / "llava" / "images"), on_error="raise")
     sample = qa[0]
     answers = [s["text"] for s in sample["segments"] if s["supervise"]]

@@ -7,6 +7,7 @@ evaluation (`deem.evaluation`).
                                                  matched_text_index, matched_sim): a scene, then 1-2 changes
     root/pairs/pairs-00000.tar ...               webdataset shards: KEY.png + KEY.json {"caption"}
     root/llava/llava.json + root/llava/images/   LLaVA instruction JSON (yes/no existence, count, colour)
+    root/llava/grounding.json                    LLaVA JSON, main-object yes/no, plain + described (stage 2 warm-up)
     root/referring/refs.json + images/           COCO instances with compressed-RLE masks and a caption each
     root/eval/...                                the evaluation sets (`write_eval_sets`)
     root/scenes.jsonl                            every image's scene graph (what the scorers compare against)
@@ -49,6 +50,7 @@ class WorldSizes:
     mmc4_docs: int = 600
     pairs: int = 1500
     llava_images: int = 800
+    grounding_images: int = 300
     referring_images: int = 300
     pope_images: int = 60
     robust_images: int = 60
@@ -65,6 +67,7 @@ class WorldSizes:
             mmc4_docs=120,
             pairs=300,
             llava_images=300,
+            grounding_images=60,
             referring_images=60,
             pope_images=10,
             robust_images=20,
@@ -158,6 +161,32 @@ class _Writer:
                 conv.append({"from": "gpt", "value": a})
             records.append({"id": f"world-{i}", "image": name, "conversations": conv})
         _atomic_json(out / "llava.json", records)
+
+    def grounding(self):
+        """``llava/grounding.json`` (images in ``llava/images``): the optional yes/no warm-up of stage 2
+        (``--grounding-steps``). Single-object scenes, four main-object questions each (the true shape twice, two
+        others), and every record once more with a short description before each question ("a big red circle. Is
+        a circle the main object in this image?"). The described copies are answerable from the text alone, which
+        the world's LLM learns by matching words; the same heads then learn to read the answer off the image of the
+        plain copies (trained on plain records alone, or mixed into the LLaVA set, the answer stayed constant)."""
+        out, images = self.root / "llava", self.root / "llava" / "images"
+        records = []
+        for i in range(self.sizes.grounding_images):
+            scene = S.random_scene(self.rng, 1)
+            name = self.image(images, f"g{i:05d}.png", scene)
+            obj = scene.objects[0]
+            others = [x for x in S.SHAPES if x != obj.shape]
+            turns = [(obj.shape, "yes"), (obj.shape, "yes"), (self.rng.choice(others), "no")]
+            turns.append((self.rng.choice(others), "no"))
+            self.rng.shuffle(turns)
+            for tag, prefix in (("", ""), ("-described", f"a {obj.size} {obj.colour} {obj.shape}. ")):
+                conv = []
+                for k, (shape, answer) in enumerate(turns):
+                    question = prefix + main_object_question(shape)
+                    conv.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + question})
+                    conv.append({"from": "gpt", "value": answer})
+                records.append({"id": f"world-grounding-{i}{tag}", "image": name, "conversations": conv})
+        _atomic_json(out / "grounding.json", records)
 
     def referring(self, folder: str = "referring", count: int | None = None, name: str = "refs.json"):
         from pycocotools import mask as mask_utils
@@ -329,6 +358,7 @@ def write_world_data(root, sizes: WorldSizes | None = None, seed: int = 0) -> Pa
         w.captions()
         w.referring(folder="eval/region", count=sizes.region_images, name="regions.json")
         w.prompts()
+        w.grounding()  # last: the sets above are the same as before it existed
         _atomic_lines(Path(tmp) / "scenes.jsonl", w.graphs)
         _atomic_json(Path(tmp) / "world.json", {"seed": seed, **sizes.__dict__})
     return root

@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-PHASES = ("data", "components", "assembled", "stage1", "stage2", "stage3", "evaluation", "report")
+PHASES = ("data", "components", "assembled", "stage1", "grounding", "stage2", "stage3", "evaluation", "report")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "trainers" / "configs"
 
 
@@ -45,6 +45,7 @@ class WorldRun:
     device: str = "cpu"
     pretrain: bool = False
     stage1_steps: int = 300
+    grounding_steps: int = 0  # > 0 (e.g. 1200): stage 2's yes/no warm-up (world_stage2_grounding.yaml) first
     stage2_steps: int = 200
     stage3_steps: int = 30
     batch_size: int = 4
@@ -208,7 +209,9 @@ class Pipeline:
             processor.save_pretrained(tmp)
         return {"parameters": sum(p.numel() for p in model.parameters()), "cross_attention_gates": self.run.open_gates}
 
-    def _train(self, stage: int, folder: Path, source: Path, steps: int, seed: int, extra_sets=()) -> dict:
+    def _train(
+        self, stage: int, folder: Path, source: Path, steps: int, seed: int, extra_sets=(), config: str | None = None
+    ) -> dict:
         from deem.cli import parse_command
         from deem.trainers.cli import run as train_run
 
@@ -219,6 +222,11 @@ class Pipeline:
                 f"data.sources.mmc4.path={data / 'mmc4' / 'docs.jsonl'}",
                 f"data.sources.mmc4.images={data / 'mmc4' / 'images'}",
                 f"data.sources.pairs.path={data / 'pairs'}",
+            ]
+        elif config == "world_stage2_grounding":
+            sets += [
+                f"data.sources.grounding.path={data / 'llava' / 'grounding.json'}",
+                f"data.sources.grounding.images={data / 'llava' / 'images'}",
             ]
         elif stage == 2:
             sets += [
@@ -235,7 +243,8 @@ class Pipeline:
         sets += list(extra_sets)
         if folder.exists():
             shutil.rmtree(folder)
-        argv = ["--stage", str(stage), "--config", str(CONFIG_DIR / f"world_stage{stage}.yaml")]
+        config = config or f"world_stage{stage}"
+        argv = ["--stage", str(stage), "--config", str(CONFIG_DIR / f"{config}.yaml")]
         for s in sets:
             argv += ["--set", s]
         argv += ["--output_dir", str(folder)]
@@ -246,8 +255,19 @@ class Pipeline:
     def phase_stage1(self, folder: Path) -> dict:
         return self._train(1, folder, self.out / "assembled", self.run.stage1_steps, self.run.seed)
 
+    def phase_grounding(self, folder: Path) -> dict:
+        if not self.run.grounding_steps:  # off by default: stage 2 starts from stage 1
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            return {"steps": 0, "log_history": []}
+        return self._train(
+            2, folder, self.out / "stage1", self.run.grounding_steps, self.run.seed, config="world_stage2_grounding"
+        )
+
     def phase_stage2(self, folder: Path) -> dict:
-        return self._train(2, folder, self.out / "stage1", self.run.stage2_steps, self.run.seed)
+        source = self.out / ("grounding" if self.run.grounding_steps else "stage1")
+        info = self._train(2, folder, source, self.run.stage2_steps, self.run.seed)
+        return {**info, "grounding_steps": self.run.grounding_steps}
 
     def phase_stage3(self, folder: Path) -> dict:
         return self._train(3, folder, self.out / "stage2", self.run.stage3_steps, self.run.seed)
@@ -290,6 +310,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------------ driver
 
+    def _stale(self, name: str, folder: Path) -> bool:
+        """A cached grounding phase (or a stage 2 trained on it) of another ``grounding_steps`` is rerun."""
+        if name not in ("grounding", "stage2"):
+            return False
+        done = json.loads((folder / "done.json").read_text())
+        key = "steps" if name == "grounding" else "grounding_steps"
+        return done.get("info", {}).get(key, 0) != self.run.grounding_steps
+
     def run_all(self, ablation: bool = False, progress=None) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         phases = list(PHASES)
@@ -301,15 +329,17 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         bar = tqdm(phases, desc="deem world", unit="phase", disable=progress is False)
+        upstream_ran = False  # a phase that ran makes every later one run again (they read what it wrote)
         for name in bar:
             folder = self.out / name
-            if name != "report" and _done(folder):
+            if name != "report" and not upstream_ran and _done(folder) and not self._stale(name, folder):
                 bar.set_postfix_str(f"{name}: cached")
                 continue
             bar.set_postfix_str(f"{name}: running")
             logger.info(f"phase {name}")
             start = time.time()
             info = getattr(self, f"phase_{name}")(folder)
+            upstream_ran = name != "report"
             self.times[name] = round(time.time() - start, 1)
             if name == "report":
                 self.times["report"] = self.times[name]

@@ -18,18 +18,24 @@ def _loss_curves(out: Path, path: Path) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    panels = (
+        ("stage1", "stage 1"),
+        ("grounding", "stage 2, yes/no warm-up"),
+        ("stage2", "stage 2"),
+        ("stage3", "stage 3"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.2))
     finals = {}
-    for k, ax in enumerate(axes, 1):
-        done = out / f"stage{k}" / "done.json"
+    for (name, title), ax in zip(panels, axes):
+        done = out / name / "done.json"
         history = json.loads(done.read_text())["info"]["log_history"] if done.is_file() else []
         keys = sorted({key for h in history for key in h if key.startswith("loss") and key != "loss"} | {"loss"})
         for key in keys:
             points = [(h["step"], h[key]) for h in history if key in h and isinstance(h[key], (int, float))]
             if points:
                 ax.plot(*zip(*points), label=key)
-                finals[f"stage{k}_{key}"] = {"first": points[0][1], "last": points[-1][1]}
-        ax.set_title(f"stage {k}")
+                finals[f"{name}_{key}"] = {"first": points[0][1], "last": points[-1][1]}
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -135,7 +141,8 @@ def write_report(out: Path, folder: Path, run, times: dict) -> dict:
         "# DEEM on the built-in world",
         "",
         f"Run: {'--quick' if run.quick else 'default'}, seed {run.seed}, device {run.device}; stage steps "
-        f"{run.stage1_steps} / {run.stage2_steps} / {run.stage3_steps}; {os.cpu_count()} CPU cores, "
+        f"{run.stage1_steps} / {run.grounding_steps} + {run.stage2_steps} / {run.stage3_steps}; "
+        f"{os.cpu_count()} CPU cores, "
         f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({platform.machine()}).",
         "",
         "| measure | result | chance / baseline |",
