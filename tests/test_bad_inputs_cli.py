@@ -749,7 +749,7 @@ CASES = [
         lambda c: ["train", "--config", str(c.tmp / "nope.yaml"), "--stage", "1"],
         FAIL,
         r"--config .*nope\.yaml: no such file, nor a shipped config "
-        r"\(stage1_7b, stage2_7b, stage3_7b, tiny, world_stage1, world_stage2, world_stage3\)",
+        r"\(stage1_7b, stage2_7b, stage3_7b, tiny, world_stage1, world_stage2, world_stage2_grounding, world_stage3\)",
     ),
     (
         "train-config-syntax",
