@@ -34,6 +34,13 @@ logger = logging.get_logger(__name__)
 
 PHASES = ("data", "components", "assembled", "stage1", "grounding", "stage2", "stage3", "evaluation", "report")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "trainers" / "configs"
+# the data each world config trains on: (its data.sources key, the path under OUT/data)
+CONFIG_DATA = {
+    "world_stage1": (("mmc4.path", "mmc4/docs.jsonl"), ("mmc4.images", "mmc4/images"), ("pairs.path", "pairs")),
+    "world_stage2_grounding": (("grounding.path", "llava/grounding.json"), ("grounding.images", "llava/images")),
+    "world_stage2": (("llava.path", "llava/llava.json"), ("llava.images", "llava/images")),
+    "world_stage3": (("referring.path", "referring/refs.json"), ("referring.images", "referring/images")),
+}
 
 
 @dataclass
@@ -216,34 +223,14 @@ class Pipeline:
         from deem.trainers.cli import run as train_run
 
         data = self.out / "data"
+        config = config or f"world_stage{stage}"
         sets = [f"model.path={source}", f"training.max_steps={steps}", f"training.seed={seed}"]
-        if stage == 1:
-            sets += [
-                f"data.sources.mmc4.path={data / 'mmc4' / 'docs.jsonl'}",
-                f"data.sources.mmc4.images={data / 'mmc4' / 'images'}",
-                f"data.sources.pairs.path={data / 'pairs'}",
-            ]
-        elif config == "world_stage2_grounding":
-            sets += [
-                f"data.sources.grounding.path={data / 'llava' / 'grounding.json'}",
-                f"data.sources.grounding.images={data / 'llava' / 'images'}",
-            ]
-        elif stage == 2:
-            sets += [
-                f"data.sources.llava.path={data / 'llava' / 'llava.json'}",
-                f"data.sources.llava.images={data / 'llava' / 'images'}",
-            ]
-        else:
-            sets += [
-                f"data.sources.referring.path={data / 'referring' / 'refs.json'}",
-                f"data.sources.referring.images={data / 'referring' / 'images'}",
-            ]
+        sets += [f"data.sources.{key}={data / rel}" for key, rel in CONFIG_DATA[config]]
         if self.run.device != "cpu":
             sets.append("training.use_cpu=false")
         sets += list(extra_sets)
         if folder.exists():
             shutil.rmtree(folder)
-        config = config or f"world_stage{stage}"
         argv = ["--stage", str(stage), "--config", str(CONFIG_DIR / f"{config}.yaml")]
         for s in sets:
             argv += ["--set", s]
@@ -266,8 +253,7 @@ class Pipeline:
 
     def phase_stage2(self, folder: Path) -> dict:
         source = self.out / ("grounding" if self.run.grounding_steps else "stage1")
-        info = self._train(2, folder, source, self.run.stage2_steps, self.run.seed)
-        return {**info, "grounding_steps": self.run.grounding_steps}
+        return self._train(2, folder, source, self.run.stage2_steps, self.run.seed)
 
     def phase_stage3(self, folder: Path) -> dict:
         return self._train(3, folder, self.out / "stage2", self.run.stage3_steps, self.run.seed)
@@ -311,12 +297,10 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ driver
 
     def _stale(self, name: str, folder: Path) -> bool:
-        """A cached grounding phase (or a stage 2 trained on it) of another ``grounding_steps`` is rerun."""
-        if name not in ("grounding", "stage2"):
+        """A cached grounding phase of another ``grounding_steps`` is rerun (and with it every later phase)."""
+        if name != "grounding":
             return False
-        done = json.loads((folder / "done.json").read_text())
-        key = "steps" if name == "grounding" else "grounding_steps"
-        return done.get("info", {}).get(key, 0) != self.run.grounding_steps
+        return json.loads((folder / "done.json").read_text()).get("info", {}).get("steps") != self.run.grounding_steps
 
     def run_all(self, ablation: bool = False, progress=None) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
