@@ -323,6 +323,20 @@ class DeemProcessor(ProcessorMixin):
         return [image_processor, tokenizer]
 
     @classmethod
+    def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
+        """transformers >= 5.25 loads the sub-processors here (through the Auto classes, which would ask to run this
+        package as remote code); ours come from `_get_arguments_from_pretrained`, as on earlier releases. A
+        sub-processor given as a keyword is used as it is."""
+        given = {name: kwargs.pop(name) for name in ("image_processor", "tokenizer") if kwargs.get(name) is not None}
+        kwargs.pop("return_unused_kwargs", None)
+        if len(given) < 2:
+            image_processor, tokenizer = cls._get_arguments_from_pretrained(
+                pretrained_model_name_or_path, processor_dict, **kwargs
+            )
+            given = {"image_processor": image_processor, "tokenizer": tokenizer} | given
+        return {**processor_dict, **given}, kwargs
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`ProcessorMixin.from_pretrained`; warns when a local folder's `config.json` (a DEEM model) does not fit the
         processor (see `check_model_config`)."""

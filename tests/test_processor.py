@@ -398,6 +398,9 @@ def test_save_load_round_trip(processor, tmp_path):
     args = (["<image> a <ref>b</ref>", "c <image> d"], [solid(RED), striped()])
     for key, value in processor(*args).items():
         assert torch.equal(value, loaded(*args)[key]), key
+    # a sub-processor given as a keyword is used as it is, the other one is still loaded from the folder
+    given = DeemProcessor.from_pretrained(tmp_path, tokenizer=processor.tokenizer)
+    assert given.tokenizer is processor.tokenizer and given.image_processor.do_center_crop
     ip.save_pretrained(tmp_path / "ip")
     assert DeemImageProcessor.from_pretrained(tmp_path / "ip", size=48).size == 48
 
