@@ -97,18 +97,17 @@ def test_component_pretraining_still_runs_and_assembles(tmp_path):
     assert model.config.vision_config.image_size == 32 and processor.num_image_tokens == 8
 
 
+def _quick_world(out, *args, timeout: int):
+    """`python -m deem world --quick --out OUT ARGS` in a fresh process."""
+    command = [sys.executable, "-m", "deem", "world", "--quick", "--out", str(out), *args]
+    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(720)
 def test_python_m_deem_world_quick_runs_every_phase_and_learns_yes_no(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "deem", "world", "--quick", "--out", str(out)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc = _quick_world(out, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from deem.world.pipeline import PHASES
 
@@ -143,14 +142,7 @@ def test_python_m_deem_world_quick_runs_every_phase_and_learns_yes_no(tmp_path):
     # the same folder with the optional yes/no warm-up: the phases before it are kept (cached), the warm-up trains
     # through DeemTrainer on its own set, and every later phase reruns from it
     kept = {phase: (out / phase / "done.json").stat().st_mtime_ns for phase in PHASES}
-    proc = subprocess.run(
-        [sys.executable, "-m", "deem", "world", "--quick", "--out", str(out), "--grounding-steps", "3"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _quick_world(out, "--grounding-steps", "3", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     now = {phase: (out / phase / "done.json").stat().st_mtime_ns for phase in PHASES}
     split = PHASES.index("grounding")
