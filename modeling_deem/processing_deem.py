@@ -297,16 +297,15 @@ class DeemProcessor(ProcessorMixin):
     # ------------------------------------------------------------------ loading and the model config
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Image processor from `processor_config.json` (or `preprocessor_config.json`), tokenizer via AutoTokenizer."""
-        subfolder = kwargs.pop("subfolder", "")
+    def _load_image_processor(cls, pretrained_model_name_or_path, processor_dict=None, subfolder="", **kwargs):
+        """From `processor_config.json`'s nested entry, else `preprocessor_config.json`."""
         config = (processor_dict or {}).get("image_processor")
         if isinstance(config, dict):
-            image_processor = DeemImageProcessor.from_dict(config)
-        else:
-            image_processor = DeemImageProcessor.from_pretrained(
-                pretrained_model_name_or_path, subfolder=subfolder, **kwargs
-            )
+            return DeemImageProcessor.from_dict(config)
+        return DeemImageProcessor.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def _load_tokenizer(cls, pretrained_model_name_or_path, subfolder="", **kwargs):
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         if os.path.isdir(folder) and not set(os.listdir(folder)) & set(TOKENIZER_VOCAB_FILES):
             raise ValueError(
@@ -319,21 +318,29 @@ class DeemProcessor(ProcessorMixin):
         # and warn that a `deem` config is not a plain one
         kwargs.pop("trust_remote_code", None)
         kwargs.setdefault("config", PretrainedConfig())
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        return [image_processor, tokenizer]
+        return AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        """transformers < 5.25 loads the sub-processors here: the image processor, then the tokenizer."""
+        return [
+            cls._load_image_processor(pretrained_model_name_or_path, processor_dict, **kwargs),
+            cls._load_tokenizer(pretrained_model_name_or_path, **kwargs),
+        ]
 
     @classmethod
     def _resolve_subprocessors(cls, pretrained_model_name_or_path, processor_dict, **kwargs):
         """transformers >= 5.25 loads the sub-processors here (through the Auto classes, which would ask to run this
-        package as remote code); ours come from `_get_arguments_from_pretrained`, as on earlier releases. A
-        sub-processor given as a keyword is used as it is."""
-        given = {name: kwargs.pop(name) for name in ("image_processor", "tokenizer") if kwargs.get(name) is not None}
+        package as remote code); ours load as on earlier releases. A sub-processor given as a keyword is used as it
+        is, and only the other one is loaded."""
         kwargs.pop("return_unused_kwargs", None)
-        if len(given) < 2:
-            image_processor, tokenizer = cls._get_arguments_from_pretrained(
+        given = {name: kwargs.pop(name, None) for name in ("image_processor", "tokenizer")}
+        if given["image_processor"] is None:
+            given["image_processor"] = cls._load_image_processor(
                 pretrained_model_name_or_path, processor_dict, **kwargs
             )
-            given = {"image_processor": image_processor, "tokenizer": tokenizer} | given
+        if given["tokenizer"] is None:
+            given["tokenizer"] = cls._load_tokenizer(pretrained_model_name_or_path, **kwargs)
         return {**processor_dict, **given}, kwargs
 
     @classmethod

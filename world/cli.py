@@ -29,11 +29,9 @@ def run(args) -> None:
     device = _device(args.device)
     from .pipeline import Pipeline, WorldRun
 
-    kwargs = {"seed": args.seed, "device": device}
+    kwargs = {"seed": args.seed, "device": device, "grounding_steps": args.grounding_steps}
     if args.pretrain:
         kwargs["pretrain"] = True
-    if args.grounding_steps:
-        kwargs["grounding_steps"] = args.grounding_steps
     if device != "cpu" and not args.quick:  # a GPU runs a longer schedule in the same time
         kwargs.update(stage1_steps=800, stage2_steps=800, stage3_steps=160, draw_steps=30)
     world_run = WorldRun.make(quick=args.quick, **kwargs)

@@ -144,7 +144,8 @@ class _Writer:
             os.replace(tmp, path)
 
     def llava(self):
-        out, images = self.root / "llava", self.root / "llava" / "images"
+        out = self.root / "llava"
+        images = out / "images"
         records = []
         for i in range(self.sizes.llava_images):
             scene = S.random_scene(self.rng, self.sizes.max_objects)
@@ -169,15 +170,20 @@ class _Writer:
         a circle the main object in this image?"). The described copies are answerable from the text alone, which
         the world's LLM learns by matching words; the same heads then learn to read the answer off the image of the
         plain copies (trained on plain records alone, or mixed into the LLaVA set, the answer stayed constant)."""
-        out, images = self.root / "llava", self.root / "llava" / "images"
+        out = self.root / "llava"
+        images = out / "images"
         records = []
         for i in range(self.sizes.grounding_images):
             scene = S.random_scene(self.rng, 1)
             name = self.image(images, f"g{i:05d}.png", scene)
             obj = scene.objects[0]
             others = [x for x in S.SHAPES if x != obj.shape]
-            turns = [(obj.shape, "yes"), (obj.shape, "yes"), (self.rng.choice(others), "no")]
-            turns.append((self.rng.choice(others), "no"))
+            turns = [
+                (obj.shape, "yes"),
+                (obj.shape, "yes"),
+                (self.rng.choice(others), "no"),
+                (self.rng.choice(others), "no"),
+            ]
             self.rng.shuffle(turns)
             for tag, prefix in (("", ""), ("-described", f"a {obj.size} {obj.colour} {obj.shape}. ")):
                 conv = []
