@@ -5,6 +5,7 @@ text-to-image, and a streamer of text pieces and images.
 This file must not import ``modeling_deem`` (``modeling_deem`` imports it).
 """
 
+import inspect
 import queue
 import threading
 from dataclasses import dataclass
@@ -157,6 +158,29 @@ class TokenSuppression(LogitsProcessor):
             bias[[t for t in self.token_ids if t < scores.shape[-1]]] = -float("inf")
             self._bias = bias
         return scores + bias
+
+
+class _ProcessorList(LogitsProcessorList):
+    """The library's ``LogitsProcessorList`` that reads each processor's ``__call__`` signature once per
+    ``generate`` call instead of at every step (``inspect.signature`` is most of its per-step cost at small sizes);
+    the same calls, in the same order, with the same error for a missing keyword."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        extra = self.__dict__.setdefault("_extra_arguments", {})
+        for processor in self:
+            names = extra.get(id(processor))
+            if names is None:
+                names = extra[id(processor)] = list(inspect.signature(processor.__call__).parameters)
+            if len(names) > 2:
+                if not all(name in kwargs for name in names[2:]):
+                    raise ValueError(
+                        f"Make sure that all the required parameters: {names} for "
+                        f"{processor.__class__} are passed to the logits processor."
+                    )
+                scores = processor(input_ids, scores, **kwargs)
+            else:
+                scores = processor(input_ids, scores)
+        return scores
 
 
 class DeemGenerationMixin(GenerationMixin):
@@ -761,6 +785,10 @@ class DeemGenerationMixin(GenerationMixin):
             for level in range(4)
         ]
 
+    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+        """The library's processors, in a list that reads their signatures once (see `_ProcessorList`)."""
+        return _ProcessorList(super()._get_logits_processor(*args, **kwargs))
+
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         """The library's expansion (beam search, ``num_return_sequences``), the image memory expanded with it."""
         memory = model_kwargs.pop("image_memory", None)
@@ -770,6 +798,15 @@ class DeemGenerationMixin(GenerationMixin):
         if memory is not None:
             model_kwargs["image_memory"] = memory.repeat_interleave(expand_size) if expand_size > 1 else memory
         return input_ids, model_kwargs
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        """Positions that count real tokens (see `_real_token_positions`), so that the library's per-step update
+        (+1 on the last position) continues right-padded prompts correctly, as the original's cascade wrapper does;
+        the library's own puts 0 at pads, so a right-padded row would restart at position 1."""
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            return _real_token_positions(mask)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_memory=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(
@@ -781,17 +818,21 @@ class DeemGenerationMixin(GenerationMixin):
             else inputs["input_ids"].shape[1]
         )
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            # positions count real tokens, so right-padded prompts continue correctly (as the original's cascade
-            # wrapper does); the stock update only adds 1 to the last prompt position.
-            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            inputs["position_ids"] = positions[:, -new:]
+        if inputs.get("position_ids") is None and mask is not None and mask.dim() == 2:
+            # the library keeps position_ids from `_prepare_position_ids_for_generation` on; a caller's loop may not
+            inputs["position_ids"] = _real_token_positions(mask)[:, -new:]
         if image_memory is not None:
             # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
             inputs["cross_attention_mask"] = cross_attention_visibility(
                 input_ids, image_memory.image_starts, self.config.bos_token_id
             )[:, -new:]
         return inputs
+
+
+def _real_token_positions(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] position of each token among its row's real tokens; a pad takes the position of the real token before
+    it (0 before the first), so the next token after trailing pads continues from the last real one."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _repeat_rows(input_ids, attention_mask, pixel_values, image_masks, per_row, repeat: int):

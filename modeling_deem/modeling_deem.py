@@ -315,8 +315,11 @@ class DeemTextHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden_states)
-        # in place on the new rows (the linear's backward does not read its output): no copy of the whole logits
-        logits[..., self.original_vocab_size :] += self.new_tokens(hidden_states)
+        # in place on the new rows (the linear's backward does not read its output): no copy of the whole logits;
+        # narrow + add_ is one view and one add, where `logits[..., v0:] += x` also writes the slice back onto itself
+        logits.narrow(-1, self.original_vocab_size, logits.shape[-1] - self.original_vocab_size).add_(
+            self.new_tokens(hidden_states)
+        )
         return logits
 
 
@@ -635,8 +638,12 @@ class DeemModel(DeemPreTrainedModel):
         if image_embeds is not None and image_embeds.numel():
             slots = (input_ids == self.config.image_token_id).unsqueeze(-1)
             embeds = embeds.masked_scatter(slots, image_embeds.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-        is_soi = (input_ids == self.config.soi_token_id).unsqueeze(-1).to(embeds.dtype)
-        return embeds + is_soi * self.soi_embedding.to(embeds.dtype)
+        is_soi = input_ids == self.config.soi_token_id
+        if not torch.is_grad_enabled() and not is_tracing() and not bool(is_soi.any()):
+            # inference without <|startofimage|> (every text decoding step): adding 0 changes nothing; with
+            # gradients the add stays, so soi_embedding gets its (zero) gradient in every batch as the original's
+            return embeds
+        return embeds + is_soi.unsqueeze(-1).to(embeds.dtype) * self.soi_embedding.to(embeds.dtype)
 
     def image_memory(self, enc, runs, per_row, batch: int) -> DeemImageMemory:
         """The [`DeemImageMemory`] of encoded images ``enc`` (one per placeholder run ``runs``, ``per_row`` of them

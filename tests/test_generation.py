@@ -631,3 +631,61 @@ def test_token_suppression_bias_equals_the_library_processor():
         got = ours(ids, scores)
         assert got.dtype == dtype and torch.equal(got, lib(ids, scores))
         assert torch.isinf(got[:, [3, 5]]).all() and torch.equal(got[:, :3], scores[:, :3])
+
+
+def test_logits_processors_run_every_step_and_missing_arguments_still_fail(model):
+    """Our processor list reads each processor's signature once per call: every processor still runs at every step
+    with the step's scores, and one that needs a keyword the loop does not give fails as the library's does."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    cfg = model.config
+
+    class Count(LogitsProcessor):
+        def __init__(self):
+            self.lengths = []
+
+        def __call__(self, input_ids, scores):
+            self.lengths.append(input_ids.shape[1])
+            return scores
+
+    class NeedsExtra(LogitsProcessor):
+        def __call__(self, input_ids, scores, extra):
+            return scores
+
+    ids = torch.tensor([[cfg.bos_token_id, 5, 6, 7]])
+    count = Count()
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=cfg.pad_token_id, soi="suppress")
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, logits_processor=LogitsProcessorList([count]), **kw)
+        assert out.shape[1] == 9 and count.lengths == [4, 5, 6, 7, 8]
+        with pytest.raises(ValueError, match="required parameters.*extra"):
+            model.generate(input_ids=ids, logits_processor=LogitsProcessorList([NeedsExtra()]), **kw)
+
+
+def test_decoding_after_trailing_pads_counts_real_tokens(model):
+    """right_padding='continue' (the original's way with a right-padded batch): the prompt's pads take the last real
+    position and every new token goes on from it (the library alone would put 0 at the pads and restart at 1)."""
+    cfg = model.config
+    ids = torch.tensor(
+        [[cfg.bos_token_id, 5, 6, 7, cfg.pad_token_id, cfg.pad_token_id], [cfg.bos_token_id, 5, 6, 7, 8, 9]]
+    )
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].tolist()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                right_padding="continue",
+                max_new_tokens=3,
+                min_new_tokens=3,
+                do_sample=False,
+                pad_token_id=cfg.pad_token_id,
+                soi="suppress",
+            )
+    finally:
+        hook.remove()
+    assert seen == [[[0, 1, 2, 3, 3, 3], [0, 1, 2, 3, 4, 5]], [[4], [6]], [[5], [7]]]
