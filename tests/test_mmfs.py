@@ -789,3 +789,40 @@ def test_dense_sampling_gradcheck():
     )
     factors = ((0.3, 0.2), (0.5, 0.25))
     assert torch.autograd.gradcheck(lambda *a: mmfs._DenseSampling.apply(*a, tuple(shapes), factors), args)
+
+
+@pytest.mark.parametrize("on_pixel_centres", [False, True])
+def test_dense_sampling_matches_grid_sample_values_and_gradients(on_pixel_centres):
+    """The tent-matrix path (forward and its hand-written backward) against the grid_sample loop, float64: the same
+    values and the same four gradients, also where every point sits exactly on a pixel centre (zero offsets at the
+    centre of odd-sized maps, a 1x1 level), where grid_sample's one-sided derivative is the convention to follow."""
+    import deem.modeling.mmfs as mmfs
+
+    g = torch.Generator().manual_seed(3)
+    shapes = ((5, 5), (3, 3), (1, 1)) if on_pixel_centres else ((3, 4), (2, 2), (1, 1))
+    total, levels = sum(h * w for h, w in shapes), len(shapes)
+    n, n_img, heads, dim, lq, points = 2, 2, 3, 4, 5, 3
+    f64 = torch.float64
+    value = torch.randn(n, n_img, heads, dim, total, generator=g, dtype=f64)
+    if on_pixel_centres:
+        ref = torch.full((1, 1, lq, 1, 2), 0.5, dtype=f64)
+        offsets = torch.zeros(n, n_img, heads, lq, points, 2, dtype=f64)
+    else:
+        ref = torch.rand(n, 1, lq, 1, 2, generator=g, dtype=f64)
+        offsets = torch.randn(n, n_img, heads, lq, points, 2, generator=g, dtype=f64) * 3
+    weights = torch.rand(n, n_img, levels, heads, lq, points, generator=g, dtype=f64)
+    factors = tuple((1.0 / w, 1.0 / h) for h, w in shapes)
+    probe = None
+    results = []
+    for fn in (mmfs._DenseSampling, mmfs._DeformableSampling):
+        args = [t.clone().requires_grad_(True) for t in (value, ref, offsets, weights)]
+        out = fn.apply(*args, shapes, factors)
+        if probe is None:
+            probe = torch.randn(out.shape, generator=g, dtype=f64)
+        (out * probe).sum().backward()
+        results.append((out.detach(), [a.grad for a in args]))
+    (dense, dense_grads), (loop, loop_grads) = results
+    torch.testing.assert_close(dense, loop, atol=1e-12, rtol=1e-12)
+    for name, a, b in zip(("value", "reference_points", "offsets", "weights"), dense_grads, loop_grads):
+        assert a is not None and a.abs().sum() > 0 or name == "offsets" and on_pixel_centres, name
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11, msg=name)
