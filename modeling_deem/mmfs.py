@@ -850,6 +850,7 @@ def unet_forward_with_side(
     encoder_hidden_states: torch.Tensor,
     side_features=None,
     side_mask: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``UNet2DConditionModel`` forward with MMFSNet residuals (§2.9) -> eps [N, C_out, h, w].
 
@@ -858,7 +859,8 @@ def unet_forward_with_side(
     side_mask [N, n_img]. The side network reads the
     unmodified skips and mid-block output; its residuals are added to the skips and the mid output before the up
     path. Without side inputs this equals ``unet(sample, timestep, encoder_hidden_states).sample``. Under
-    classifier-free guidance the caller duplicates features and mask like the other inputs.
+    classifier-free guidance the caller duplicates features and mask like the other inputs. encoder_attention_mask
+    [N, T] (1 = keep): the condition tokens the cross-attention reads, as in ``UNet2DConditionModel.forward``.
     """
     check_unet_supported(unet)
     use_side = side_network is not None and side_features is not None
@@ -877,18 +879,28 @@ def unet_forward_with_side(
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
 
+    cross = {"encoder_hidden_states": encoder_hidden_states}
+    if encoder_attention_mask is not None:  # to an additive bias, as UNet2DConditionModel.forward does
+        if encoder_attention_mask.shape != encoder_hidden_states.shape[:2]:
+            raise ValueError(
+                f"encoder_attention_mask must be [N, T] = {tuple(encoder_hidden_states.shape[:2])}, got "
+                f"{tuple(encoder_attention_mask.shape)}"
+            )
+        bias = (1 - encoder_attention_mask.to(encoder_hidden_states.dtype)) * -10000.0
+        cross["encoder_attention_mask"] = bias.unsqueeze(1)
+
     sample = unet.conv_in(sample)
     skips = (sample,)
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):
-            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            sample, res = block(hidden_states=sample, temb=emb, **cross)
         else:
             sample, res = block(hidden_states=sample, temb=emb)
         skips += res
 
     if unet.mid_block is not None:
         if getattr(unet.mid_block, "has_cross_attention", False):
-            sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+            sample = unet.mid_block(sample, emb, **cross)
         else:
             sample = unet.mid_block(sample, emb)
 
@@ -907,8 +919,8 @@ def unet_forward_with_side(
                 hidden_states=sample,
                 temb=emb,
                 res_hidden_states_tuple=res,
-                encoder_hidden_states=encoder_hidden_states,
                 upsample_size=upsample_size,
+                **cross,
             )
         else:
             sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)

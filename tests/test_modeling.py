@@ -397,9 +397,9 @@ def test_fresh_model_has_the_original_init():
     torch.testing.assert_close(logits[..., v0:], torch.full_like(logits[..., v0:], -5.0))
 
 
-def test_denoise_runs_branches_of_different_shapes_apart(model):
-    """Branches whose conditions differ in length cannot share a UNet call: each runs alone, with the result it
-    has alone."""
+def test_denoise_joins_branches_of_different_condition_lengths(model):
+    """Branches whose conditions differ in length (CSR's image tokens, NIP's decoder queries) share one UNet call,
+    the shorter condition padded and masked, with the results and condition gradients each has alone."""
     from deem.modeling.image_decoder_deem import DenoisingBranch
 
     dec = model.image_decoder
@@ -416,7 +416,7 @@ def test_denoise_runs_branches_of_different_shapes_apart(model):
             torch.randn(n, 4, lat, lat, generator=g),
             torch.tensor([10, 500, 900][:n]),
             torch.randn(n, 4, lat, lat, generator=g),
-            torch.randn(n, q, dim, generator=g),
+            torch.randn(n, q, dim, generator=g).requires_grad_(True),
             [m[rows, None] for m in maps],
             torch.ones(n, 1),
         )
@@ -424,11 +424,15 @@ def test_denoise_runs_branches_of_different_shapes_apart(model):
     a, b = branch([0, 1], 5), branch([2], 7)
     calls, handle = count_unet_passes(model)
     try:
-        with torch.no_grad():
-            together = dec.denoise([a, b])
-            alone = [dec.denoise([a])[0], dec.denoise([b])[0]]
+        together = dec.denoise([a, b])
+        grads_together = torch.autograd.grad(sum(m.sum() for m in together), [a.condition, b.condition])
+        alone = [dec.denoise([a])[0], dec.denoise([b])[0]]
+        grads_alone = torch.autograd.grad(sum(m.sum() for m in alone), [a.condition, b.condition])
     finally:
         handle.remove()
-    assert calls == [2, 1, 2, 1]
+    assert calls == [3, 2, 1]
     for x, y in zip(together, alone):
-        torch.testing.assert_close(x, y)
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    for x, y in zip(grads_together, grads_alone):
+        assert x.abs().sum() > 0
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
