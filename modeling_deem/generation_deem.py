@@ -573,7 +573,7 @@ class DeemGenerationMixin(GenerationMixin):
                 seq_embeds.append(chunk_embeds)
                 chunk_embeds = torch.cat(seq_embeds, 1)
             new = chunk_embeds.shape[1]
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -new:]
+            positions = _token_positions(mask, new)
             xmask = None
             if image_memory is not None:
                 xmask = cross_attention_visibility(ids, image_memory.image_starts, cfg.bos_token_id)[:, -new:]
@@ -799,15 +799,6 @@ class DeemGenerationMixin(GenerationMixin):
             model_kwargs["image_memory"] = memory.repeat_interleave(expand_size) if expand_size > 1 else memory
         return input_ids, model_kwargs
 
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        """Positions that count real tokens (see `_real_token_positions`), so that the library's per-step update
-        (+1 on the last position) continues right-padded prompts correctly, as the original's cascade wrapper does;
-        the library's own puts 0 at pads, so a right-padded row would restart at position 1."""
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            return _real_token_positions(mask)
-        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-
     def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, image_memory=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, image_memory=image_memory, **kwargs
@@ -818,9 +809,10 @@ class DeemGenerationMixin(GenerationMixin):
             else inputs["input_ids"].shape[1]
         )
         mask = kwargs.get("attention_mask")
-        if inputs.get("position_ids") is None and mask is not None and mask.dim() == 2:
-            # the library keeps position_ids from `_prepare_position_ids_for_generation` on; a caller's loop may not
-            inputs["position_ids"] = _real_token_positions(mask)[:, -new:]
+        if mask is not None and mask.dim() == 2:
+            # positions count real tokens, so right-padded prompts continue correctly (as the original's cascade
+            # wrapper does); the stock update only adds 1 to the last prompt position.
+            inputs["position_ids"] = _token_positions(mask, new)
         if image_memory is not None:
             # visibility of the new tokens, from the whole sequence so far (documents may have started earlier)
             inputs["cross_attention_mask"] = cross_attention_visibility(
@@ -829,10 +821,14 @@ class DeemGenerationMixin(GenerationMixin):
         return inputs
 
 
-def _real_token_positions(mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] position of each token among its row's real tokens; a pad takes the position of the real token before
-    it (0 before the first), so the next token after trailing pads continues from the last real one."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+def _token_positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """[B, new] positions of the last ``new`` tokens as the original's cascade wrapper numbers them: each token's
+    index among its row's real tokens, 1 at a pad. Equal to ``(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:,
+    -new:]``, with the cumsum over the new columns only (one sum over the rest): a decoding step reads one column."""
+    mask = mask.long()
+    recent = mask[:, mask.shape[1] - new :]
+    before = mask[:, : mask.shape[1] - new].sum(-1, keepdim=True)
+    return (before + recent.cumsum(-1) - 1).masked_fill(recent == 0, 1)
 
 
 def _repeat_rows(input_ids, attention_mask, pixel_values, image_masks, per_row, repeat: int):

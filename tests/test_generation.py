@@ -663,8 +663,9 @@ def test_logits_processors_run_every_step_and_missing_arguments_still_fail(model
 
 
 def test_decoding_after_trailing_pads_counts_real_tokens(model):
-    """right_padding='continue' (the original's way with a right-padded batch): the prompt's pads take the last real
-    position and every new token goes on from it (the library alone would put 0 at the pads and restart at 1)."""
+    """right_padding='continue' (the original's way with a right-padded batch): the prompt's pads sit at position 1
+    as in the original's cascade wrapper, and every new token goes on from the row's real tokens (the library alone
+    would restart after the last pad's position)."""
     cfg = model.config
     ids = torch.tensor(
         [[cfg.bos_token_id, 5, 6, 7, cfg.pad_token_id, cfg.pad_token_id], [cfg.bos_token_id, 5, 6, 7, 8, 9]]
@@ -688,4 +689,4 @@ def test_decoding_after_trailing_pads_counts_real_tokens(model):
             )
     finally:
         hook.remove()
-    assert seen == [[[0, 1, 2, 3, 3, 3], [0, 1, 2, 3, 4, 5]], [[4], [6]], [[5], [7]]]
+    assert seen == [[[0, 1, 2, 3, 1, 1], [0, 1, 2, 3, 4, 5]], [[4], [6]], [[5], [7]]]
