@@ -33,7 +33,7 @@ def run(args) -> None:
     if args.pretrain:
         kwargs["pretrain"] = True
     if device != "cpu" and not args.quick:  # a GPU runs a longer schedule in the same time
-        kwargs.update(stage1_steps=800, stage2_steps=800, stage3_steps=160, draw_steps=30)
+        kwargs.update(stage1_steps=2400, stage2_steps=800, stage3_steps=160, draw_steps=30)
     world_run = WorldRun.make(quick=args.quick, **kwargs)
     if args.fresh and out.is_dir():
         shutil.rmtree(out)

@@ -195,22 +195,25 @@ def _to_pil(tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def drawings(model, processor, data: Path, steps: int, device="cpu", folder: Path | None = None, batch_size=8) -> dict:
-    """Text-to-image (``generate_images``) on single-object prompts; the detector scores colour and shape."""
-    rows = _lines(data / "eval" / "draw" / "text2image.jsonl")
+def drawings(
+    model, processor, data: Path, steps: int, device="cpu", folder: Path | None = None, batch_size=8, draws=2
+) -> dict:
+    """Text-to-image (``generate_images``) on single-object prompts, ``draws`` seeded drawings per prompt (the 24
+    prompts alone leave one drawing worth 4 points); the detector scores colour and shape."""
+    prompts = _lines(data / "eval" / "draw" / "text2image.jsonl")
+    rows = [(r, i + len(prompts) * d) for d in range(draws) for i, r in enumerate(prompts)]  # (prompt, seed)
     colour_ok, shape_ok, found = [], [], []
     images = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        batch = _inputs(processor, [r["prompt"] for r in chunk], None, device)
-        gens = [torch.Generator().manual_seed(i + k) for k in range(len(chunk))]
+        batch = _inputs(processor, [r["prompt"] for r, _ in chunk], None, device)
         drawn = model.generate_images(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             num_inference_steps=steps,
-            generator=gens,
+            generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
         )
-        for r, image in zip(chunk, drawn):
+        for (r, _), image in zip(chunk, drawn):
             pil = _to_pil(image)
             images.append((r["prompt"], pil))
             det = S.detect(pil)
@@ -226,6 +229,7 @@ def drawings(model, processor, data: Path, steps: int, device="cpu", folder: Pat
         "colour_chance": 1 / len(S.COLOURS),
         "shape_chance": 1 / len(S.SHAPES),
         "n": len(rows),
+        "prompts": len(prompts),
     }
 
 

@@ -51,7 +51,7 @@ class WorldRun:
     seed: int = 0
     device: str = "cpu"
     pretrain: bool = False
-    stage1_steps: int = 300
+    stage1_steps: int = 1200
     grounding_steps: int = 0  # > 0 (e.g. 1200): stage 2's yes/no warm-up (world_stage2_grounding.yaml) first
     stage2_steps: int = 200
     stage3_steps: int = 30

@@ -98,10 +98,17 @@ def write_report(out: Path, folder: Path, run, times: dict) -> dict:
         )
     )
     d = m["stage1_draw"]
+    drawn = f", {d['n']} drawings" if "n" in d else ""
     rows.append(
-        ("text-to-image: drawn colour as asked (stage 1)", _pct(d["colour_accuracy"]), _pct(d["colour_chance"]))
+        (
+            f"text-to-image: drawn colour as asked (stage 1{drawn})",
+            _pct(d["colour_accuracy"]),
+            _pct(d["colour_chance"]),
+        )
     )
-    rows.append(("text-to-image: drawn shape as asked (stage 1)", _pct(d["shape_accuracy"]), _pct(d["shape_chance"])))
+    rows.append(
+        (f"text-to-image: drawn shape as asked (stage 1{drawn})", _pct(d["shape_accuracy"]), _pct(d["shape_chance"]))
+    )
     s = m["stage1_stories"]
     rows.append(
         ("interleaved stories: image colour matches the text before it", _pct(s["colour_matches_text"]), _pct(1 / 6))
