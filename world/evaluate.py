@@ -294,8 +294,11 @@ def stories(model, processor, data: Path, steps: int, device="cpu", max_new_toke
     }
 
 
-def _grid(rows, path: Path, cols: int = 4) -> None:
-    """A matplotlib figure: each entry (text, [images]) is one panel with its text as the title."""
+def _grid(rows, path: Path, cols: int = 4, panel: tuple[float, float] = (1.6, 1.9)) -> None:
+    """A matplotlib figure: each entry (text, [images]) is one ``panel`` (inches) with its text, wrapped to the
+    panel's width, as the title."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,13 +306,13 @@ def _grid(rows, path: Path, cols: int = 4) -> None:
 
     n = len(rows)
     r = (n + cols - 1) // cols
-    fig, axes = plt.subplots(r, cols, figsize=(cols * 1.6, r * 1.9), squeeze=False)
+    fig, axes = plt.subplots(r, cols, figsize=(cols * panel[0], r * panel[1]), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (text, ims) in zip(axes.flat, rows):
         strip = np.concatenate([np.asarray(im.convert("RGB").resize((64, 64), Image.NEAREST)) for im in ims], 1)
         ax.imshow(strip)
-        ax.set_title(text, fontsize=6, wrap=True)
+        ax.set_title(textwrap.fill(text, width=int(panel[0] * 21)), fontsize=6)  # ~21 characters per inch
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -361,5 +364,5 @@ def _story_grid(samples, path: Path) -> None:
     for items in samples:
         text = "".join(p if isinstance(p, str) else " [img] " for p in items)
         ims = [p for p in items if not isinstance(p, str)] or [Image.new("RGB", (32, 32), (255, 255, 255))]
-        rows.append((text[:90], ims))
-    _grid(rows, path, cols=2)
+        rows.append((text[:120], ims))
+    _grid(rows, path, cols=2, panel=(3.0, 2.2))
