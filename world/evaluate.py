@@ -229,7 +229,6 @@ def drawings(
         "colour_chance": 1 / len(S.COLOURS),
         "shape_chance": 1 / len(S.SHAPES),
         "n": len(rows),
-        "prompts": len(prompts),
     }
 
 

@@ -55,7 +55,6 @@ class WorldRun:
     grounding_steps: int = 0  # > 0 (e.g. 1200): stage 2's yes/no warm-up (world_stage2_grounding.yaml) first
     stage2_steps: int = 200
     stage3_steps: int = 30
-    batch_size: int = 4
     num_image_tokens: int = 8
     image_embed_dim: int = 64
     draw_steps: int = 20

@@ -98,7 +98,7 @@ def write_report(out: Path, folder: Path, run, times: dict) -> dict:
         )
     )
     d = m["stage1_draw"]
-    drawn = f", {d['n']} drawings" if "n" in d else ""
+    drawn = f", {d['n']} drawings"
     rows.append(
         (
             f"text-to-image: drawn colour as asked (stage 1{drawn})",
